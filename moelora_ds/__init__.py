@@ -1,0 +1,18 @@
+"""moelora-ds: mixture-of-LoRA-experts adapters with Riemannian preconditioning, trained under DeepSpeed."""
+
+from .inject import adapter_parameters, inject_moelora, moelora_layers, router_aux_loss
+from .layer import MoELoRALinear
+from .moelora_config import MoELoRAConfig
+from .riemannian import create_riemannian_optimizer, set_preconditioning
+
+__all__ = [
+    "MoELoRAConfig",
+    "MoELoRALinear",
+    "adapter_parameters",
+    "create_riemannian_optimizer",
+    "inject_moelora",
+    "moelora_layers",
+    "router_aux_loss",
+    "set_preconditioning",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""`MoELoRAConfig`: the adapter hyper-parameters, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Union
+
+GateRescale = Literal["sqrt", "none"]
+
+
+@dataclass
+class MoELoRAConfig:
+    """Mixture-of-LoRA-experts adapter configuration (see METHOD.md section 1)."""
+
+    num_experts: int = 4
+    """E: experts per adapted layer."""
+    rank: int = 8
+    """r: rank of every expert."""
+    alpha: float = 16.0
+    """Output scaling is alpha / rank."""
+    dropout: float = 0.05
+    """Dropout applied to the expert input (not to the router input)."""
+    top_k: Optional[int] = None
+    """Experts kept per token; None (or num_experts) is dense routing."""
+    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module-name suffixes (a list), a regex matched against the full module path (a string), or "all-linear"."""
+    gate_rescale: GateRescale = "sqrt"
+    """"sqrt": expert gradients weighted by sqrt(gate) (the paper); "none": plain gating."""
+    router_aux_loss_coef: float = 0.0
+    """Coefficient of the load-balancing loss coef * E * sum_e f_e * P_e; 0 turns it off."""
+
+    def __post_init__(self) -> None:
+        def fail(key: str, expected: str) -> None:
+            raise ValueError(f"moelora.{key}: expected {expected}, got {getattr(self, key)!r}")
+
+        for key in ("num_experts", "rank"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(key, "a positive integer")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            fail("alpha", "a positive number")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            fail("dropout", "a number in [0, 1)")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                fail("top_k", "a positive integer or null")
+            if self.top_k > self.num_experts:
+                fail("top_k", f"at most num_experts={self.num_experts}")
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                fail("target_modules", "a non-empty regex, a list of names, or 'all-linear'")
+        elif not (isinstance(self.target_modules, (list, tuple)) and self.target_modules
+                  and all(isinstance(t, str) and t for t in self.target_modules)):
+            fail("target_modules", "a non-empty list of module-name suffixes, a regex, or 'all-linear'")
+        else:
+            self.target_modules = list(self.target_modules)
+        if self.gate_rescale not in ("sqrt", "none"):
+            fail("gate_rescale", "'sqrt' or 'none'")
+        if (isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float))
+                or self.router_aux_loss_coef < 0):
+            fail("router_aux_loss_coef", "a non-negative number")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def routed_top_k(self) -> Optional[int]:
+        """top_k when it actually drops experts, else None (dense)."""
+        return self.top_k if self.top_k is not None and self.top_k < self.num_experts else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

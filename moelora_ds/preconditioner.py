@@ -1,0 +1,54 @@
+"""Riemannian preconditioning of the expert factors, applied to gradients inside backward.
+
+For every expert e with damping delta:  grad_A <- (B^T B + delta I)^-1 grad_A,
+grad_B <- grad_B (A A^T + delta I)^-1  (METHOD.md section 2). It acts on each rank's local gradient
+before DeepSpeed reduces or partitions it, which is exact because the map is linear in the gradient
+and its r x r Gram matrices come from parameters identical on every rank (METHOD.md section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def damped_gram(factor: torch.Tensor, reg: float, *, contract_rows: bool) -> torch.Tensor:
+    """Per-expert r x r Gram matrix plus delta I, in fp32 (at least): B^T B for B (E, out, r), A A^T for A (E, r, in)."""
+    f = factor.detach().to(torch.promote_types(factor.dtype, torch.float32))
+    gram = f.transpose(1, 2) @ f if contract_rows else f @ f.transpose(1, 2)
+    return gram + reg * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+
+
+def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched matrix^-1 @ rhs for symmetric positive definite matrices: Cholesky, float64 if fp32 fails."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info != 0).any()):
+        return torch.linalg.solve(matrix.double(), rhs.double()).to(rhs.dtype)
+    return torch.cholesky_solve(rhs, chol)
+
+
+def precondition_gradients(grad_A: torch.Tensor, grad_B: torch.Tensor, gram_B: torch.Tensor,
+                           gram_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply (B^T B + dI)^-1 on the left of grad_A (E, r, in) and (A A^T + dI)^-1 on the right of grad_B (E, out, r)."""
+    new_A = solve_spd(gram_B, grad_A.to(gram_B.dtype)).to(grad_A.dtype)
+    new_B = solve_spd(gram_A, grad_B.to(gram_A.dtype).transpose(1, 2)).transpose(1, 2).to(grad_B.dtype)
+    return new_A, new_B
+
+
+class _PreconditionFactors(torch.autograd.Function):
+    """Identity on (A, B) whose backward preconditions their gradients with Grams of the forward-time values."""
+
+    @staticmethod
+    def forward(ctx, lora_A: torch.Tensor, lora_B: torch.Tensor, reg: float):
+        ctx.save_for_backward(damped_gram(lora_B, reg, contract_rows=True), damped_gram(lora_A, reg, contract_rows=False))
+        return lora_A.view_as(lora_A), lora_B.view_as(lora_B)
+
+    @staticmethod
+    def backward(ctx, grad_A: torch.Tensor, grad_B: torch.Tensor):
+        gram_B, gram_A = ctx.saved_tensors
+        grad_A, grad_B = precondition_gradients(grad_A, grad_B, gram_B, gram_A)
+        return grad_A, grad_B, None
+
+
+def precondition_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) unchanged in value; gradients flowing back through them are Riemannian-preconditioned."""
+    return _PreconditionFactors.apply(lora_A, lora_B, reg)
