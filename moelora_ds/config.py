@@ -49,6 +49,7 @@ class OptimizerConfig:
     router_lr: Optional[float] = None
     """Learning rate of the routers (never preconditioned); null uses lr."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD) weight decay of the adapters."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
@@ -95,6 +96,8 @@ class TrainLoopConfig:
     """Optimizer steps to run; exactly one of max_steps and epochs is set."""
     epochs: Optional[int] = None
     """Epochs to run instead of max_steps."""
+    stop_at: Optional[int] = None
+    """Stop with a checkpoint after this step although the schedule spans max_steps (time-boxed jobs); null: run to the end."""
     micro_batch_size: int = 8
     """Samples per rank per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
     grad_accum: int = 1
@@ -102,6 +105,7 @@ class TrainLoopConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (of the preconditioned gradient); 0 disables it."""
     seed: int = 42
+    """Seeds adapter initialisation, data order and dropout."""
     output_dir: str = "outputs/run"
     """Holds checkpoints/, metrics.jsonl, loss_curve.png and TensorBoard logs."""
     save_every: int = 0
@@ -283,6 +287,8 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{src}: {key}: expected a positive value, got {value!r}")
+    if train.stop_at is not None and train.stop_at < 1:
+        raise ConfigError(f"{src}: train.stop_at: expected a positive step or null, got {train.stop_at}")
     for key in ("save_every", "eval_every", "keep_checkpoints"):
         if getattr(train, key) < 0:
             raise ConfigError(f"{src}: train.{key}: expected 0 or more, got {getattr(train, key)}")

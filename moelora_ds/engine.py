@@ -170,14 +170,15 @@ class Trainer:
         train = self.config.train
         exit_code = 0
         self.engine.train()
-        while self.step < self.total_steps:
+        stop = min(self.total_steps, train.stop_at or self.total_steps)
+        while self.step < stop:
             lr = self.scheduler.get_last_lr()[0]
             started = time.perf_counter()
             stats = self.train_step(batch_iter)
             self.step += 1
             tokens, preempted = self._all_sum([stats.tokens, float(self.preemption.raised)])
             tokens_per_s = tokens / (time.perf_counter() - started)
-            last = self.step == self.total_steps
+            last = self.step == stop
             record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
                       "epoch": self.batches.state_dict()["epoch"]}
             if stats.skipped:
