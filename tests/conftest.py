@@ -111,3 +111,16 @@ def subprocess_env() -> dict[str, str]:
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private two-node SLURM cluster (node1, node2) on this machine; see tests/slurm_cluster.py."""
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
