@@ -1,22 +1,315 @@
-"""Turning the launch environment (deepspeed launcher, torchrun, mpirun) into an initialised process group."""
+"""The launch environment (deepspeed launcher, torchrun, srun, mpirun) as one rendezvous, and the process group.
+
+`rendezvous_from_env` is pure: it reads a process environment and returns the torch.distributed
+variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE, CROSS_RANK, CROSS_SIZE, MASTER_ADDR, MASTER_PORT)
+this rank should run with. `init_distributed` exports the ones not already set and initialises
+DeepSpeed's process group. `python -m moelora_ds.launch hostfile --slots N` writes a DeepSpeed
+hostfile for the current SLURM allocation.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import socket
+import subprocess
+import sys
+from itertools import product
+from typing import Mapping, Optional, Sequence
 
-import deepspeed
-import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torch.distributed's env:// rendezvous needs (the deepspeed launcher and torchrun set all of them)."""
+DEFAULT_MASTER_PORT = 29500
+ANY_FREE_PORT = "0"
+SLURM_PORT_BASE = 15000
+"""Under SLURM, MASTER_PORT defaults to SLURM_PORT_BASE + the job id's last four digits (15000-24999)."""
+
+
+class LaunchEnvironmentError(RuntimeError):
+    """The environment describes no consistent set of ranks; the message names the variable at fault."""
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list in order, as `scontrol show hostnames` gives it.
+
+    `node[01-03,07],gpu5` -> node01 node02 node03 node07 gpu5; zero padding follows the range's lower
+    bound; several bracket groups in one name expand as a product (`r[1-2]n[1-2]` -> r1n1 r1n2 r2n1 r2n2).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        pieces = re.split(r"\[([^\]]*)\]", item)  # literal, group, literal, group, ..., literal
+        parts = [[piece] if i % 2 == 0 else _expand_range_group(piece, nodelist) for i, piece in enumerate(pieces)]
+        hosts.extend("".join(combo) for combo in product(*parts))
+    if not hosts:
+        raise ValueError(f"empty SLURM node list {nodelist!r}")
+    return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: nested brackets")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: unbalanced brackets")
+        elif char == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"malformed SLURM node list {nodelist!r}: unbalanced brackets")
+    items.append(nodelist[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _expand_range_group(group: str, nodelist: str) -> list[str]:
+    values = []
+    for part in group.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not match:
+            raise ValueError(f"malformed SLURM node list {nodelist!r}: bad range {part!r}")
+        low, high = match.group(1), match.group(2) or match.group(1)
+        if int(high) < int(low):
+            raise ValueError(f"malformed SLURM node list {nodelist!r}: decreasing range {part!r}")
+        values.extend(str(n).zfill(len(low)) for n in range(int(low), int(high) + 1))
+    return values
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node string (`2(x3),1` -> [2, 2, 2, 1])."""
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise ValueError(f"malformed SLURM tasks-per-node list {spec!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """Who started this process: `env` (deepspeed launcher, torchrun: RANK is set), `mpi`, `slurm` or `single`.
+
+    An srun step (SLURM_STEP_ID) counts as `slurm` even when srun's PMI/PMIx plugin set MPI variables,
+    as its task numbering is the MPI numbering. OpenMPI's mpirun (OMPI_COMM_WORLD_SIZE), and an MPICH-style
+    mpiexec whose PMI_SIZE differs from the step's task count (its proxies were started by srun), count as
+    `mpi`. A SLURM batch script that is not inside an srun step is a single process.
+    """
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "env"
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return "mpi"
+    in_step = "SLURM_STEP_ID" in env
+    if "PMI_SIZE" in env and not (in_step and env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS"))
+                                  == env["PMI_SIZE"]):
+        return "mpi"
+    if in_step:
+        return "slurm"
+    if "PMIX_RANK" in env or "PMI_RANK" in env:
+        return "mpi"
+    return "single"
+
+
+def _int(env: Mapping[str, str], *names: str, required: str = "") -> Optional[int]:
+    """The first of `names` that is set, as an int; None if none is set and no `required` context is given."""
+    for name in names:
+        if name in env:
+            try:
+                return int(env[name])
+            except ValueError:
+                raise LaunchEnvironmentError(f"{name}={env[name]!r} is not an integer") from None
+    if required:
+        raise LaunchEnvironmentError(f"{required}, but {' / '.join(names)} is not set")
+    return None
+
+
+def _slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    where = "inside an srun step (SLURM_STEP_ID is set)"
+    rank = _int(env, "SLURM_PROCID", required=where)
+    world = _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", required=where)
+    local_rank = _int(env, "SLURM_LOCALID", required=where)
+    node_rank = _int(env, "SLURM_NODEID", required=where)
+    num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", required=where)
+    if not 0 <= rank < world:
+        raise LaunchEnvironmentError(f"SLURM_PROCID={rank} is outside 0..{world - 1} (SLURM_STEP_NUM_TASKS/SLURM_NTASKS)")
+    if not 0 <= node_rank < num_nodes:
+        raise LaunchEnvironmentError(f"SLURM_NODEID={node_rank} is outside 0..{num_nodes - 1} (SLURM_STEP_NUM_NODES)")
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+           "CROSS_RANK": str(node_rank), "CROSS_SIZE": str(num_nodes)}
+    per_node_var = next((v for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if v in env), None)
+    if per_node_var is not None:
+        try:
+            per_node = expand_tasks_per_node(env[per_node_var])
+        except ValueError as error:
+            raise LaunchEnvironmentError(f"{per_node_var}: {error}") from None
+        if len(per_node) != num_nodes or not 0 <= local_rank < per_node[node_rank]:
+            raise LaunchEnvironmentError(f"{per_node_var}={env[per_node_var]!r} does not fit SLURM_NODEID={node_rank}, "
+                                         f"SLURM_LOCALID={local_rank} and {num_nodes} nodes")
+        out["LOCAL_SIZE"] = str(per_node[node_rank])
+    if "MASTER_ADDR" not in env:
+        nodelist_var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if v in env),
+                            None)
+        if nodelist_var is None:
+            raise LaunchEnvironmentError(f"{where}, but neither MASTER_ADDR nor SLURM_STEP_NODELIST / "
+                                         f"SLURM_JOB_NODELIST / SLURM_NODELIST is set")
+        try:
+            out["MASTER_ADDR"] = expand_nodelist(env[nodelist_var])[0]
+        except ValueError as error:
+            raise LaunchEnvironmentError(f"{nodelist_var}: {error}") from None
+    if "MASTER_PORT" not in env:
+        job_id = _int(env, "SLURM_JOB_ID", "SLURM_JOBID", required=f"{where} and MASTER_PORT is not set")
+        out["MASTER_PORT"] = str(SLURM_PORT_BASE + job_id % 10000)
+    return out
+
+
+def _mpi_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    """What the MPI launcher's variables tell; MASTER_ADDR stays unset unless given (MPI discovery finds it)."""
+    names = {"RANK": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"),
+             "WORLD_SIZE": ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+             "LOCAL_RANK": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+             "LOCAL_SIZE": ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")}
+    out = {}
+    for key, sources in names.items():
+        value = _int(env, *sources)
+        if value is not None:
+            out[key] = str(value)
+    if "RANK" in out and "WORLD_SIZE" in out and not 0 <= int(out["RANK"]) < int(out["WORLD_SIZE"]):
+        raise LaunchEnvironmentError(f"MPI rank {out['RANK']} is outside 0..{int(out['WORLD_SIZE']) - 1}")
+    if "MASTER_ADDR" in env:
+        out["MASTER_ADDR"] = env["MASTER_ADDR"]
+    out["MASTER_PORT"] = str(_int(env, "MASTER_PORT") or DEFAULT_MASTER_PORT)
+    return out
+
+
+def rendezvous_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables this rank runs with, given its process environment.
+
+    Variables already in `env` win over derived ones. Under a launcher that sets RANK all of TORCH_VARS
+    must be set. Under srun they come from SLURM_PROCID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
+    SLURM_LOCALID, SLURM_NODEID, the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) and a
+    port derived from SLURM_JOB_ID. Under mpirun the MPI variables give the ranks; MASTER_ADDR is absent
+    (unless set) and is then found by DeepSpeed's MPI discovery. A lone process is rank 0 of 1 on
+    127.0.0.1 with MASTER_PORT "0" (ANY_FREE_PORT: init_distributed picks one; DeepSpeed names its
+    shared-memory segments after the master address and port, so lone processes must not share one).
+    Raises LaunchEnvironmentError naming the variable when the environment is inconsistent.
+    """
+    launcher = detect_launcher(env)
+    if launcher == "env":
+        missing = [name for name in TORCH_VARS if name not in env]
+        if missing:
+            given = [name for name in TORCH_VARS if name in env]
+            raise LaunchEnvironmentError(f"{', '.join(given)} set but {', '.join(missing)} not: set all of "
+                                         f"{', '.join(TORCH_VARS)} or none (srun, mpirun and the deepspeed "
+                                         f"launcher set them)")
+        _int(env, "RANK")
+        _int(env, "WORLD_SIZE")
+        derived: dict[str, str] = {}
+    elif launcher == "slurm":
+        derived = _slurm_rendezvous(env)
+    elif launcher == "mpi":
+        derived = _mpi_rendezvous(env)
+    else:
+        derived = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ANY_FREE_PORT}
+    return {**derived, **{k: env[k] for k in (*TORCH_VARS, "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE") if k in env}}
+
+
+def reachable_master_addr(host: str, env: Mapping[str, str]) -> str:
+    """`host` if it resolves here, else its NodeAddr from `scontrol show node` (SLURM node names need not be DNS names)."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except socket.gaierror:
+        pass
+    try:
+        result = subprocess.run(["scontrol", "show", "node", "-o", host], env=dict(env), capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise LaunchEnvironmentError(f"MASTER_ADDR={host!r} does not resolve and scontrol failed: {error}") from None
+    match = re.search(r"\bNodeAddr=(\S+)", result.stdout)
+    if result.returncode != 0 or not match:
+        raise LaunchEnvironmentError(f"MASTER_ADDR={host!r} does not resolve and `scontrol show node {host}` gives "
+                                     f"no NodeAddr: {result.stderr.strip()}")
+    return match.group(1)
 
 
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed and return (rank, world_size).
 
-    The deepspeed launcher and torchrun set RANK/WORLD_SIZE/MASTER_ADDR; under mpirun DeepSpeed's MPI
-    discovery (mpi4py) fills them in.
+    Works under the deepspeed launcher, torchrun, srun (one task per rank), mpirun (DeepSpeed's MPI
+    discovery via mpi4py) and as a lone process. Each rank prints one line saying how it was placed.
     """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
     if not dist.is_initialized():
-        under_mpi = "RANK" not in os.environ and "OMPI_COMM_WORLD_SIZE" in os.environ
+        launcher = detect_launcher(os.environ)
+        rendezvous = rendezvous_from_env(os.environ)
+        if launcher == "slurm" and "MASTER_ADDR" not in os.environ:
+            rendezvous["MASTER_ADDR"] = reachable_master_addr(rendezvous["MASTER_ADDR"], os.environ)
+        if rendezvous.get("MASTER_PORT") == ANY_FREE_PORT:
+            rendezvous["MASTER_PORT"] = str(_free_port())
+        for key, value in rendezvous.items():
+            os.environ.setdefault(key, value)
+        discover = "MASTER_ADDR" not in rendezvous
+        if launcher != "env":
+            node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+            master = "via MPI" if discover else f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            print(f"[moelora-ds] rank {rendezvous.get('RANK', '?')}/{rendezvous.get('WORLD_SIZE', '?')} "
+                  f"(local {rendezvous.get('LOCAL_RANK', '?')}) on {node} via {launcher}, master {master}", flush=True)
+            if launcher == "single" and os.environ.get("SLURM_NTASKS", "1") != "1":
+                print(f"[moelora-ds] warning: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process "
+                      f"was not started by srun; start one rank per task with `srun python ...`", flush=True)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   auto_mpi_discovery=under_mpi)
+                                   auto_mpi_discovery=discover, distributed_port=int(rendezvous["MASTER_PORT"]),
+                                   verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hostfile_lines(hosts: Sequence[str], slots: int) -> list[str]:
+    """DeepSpeed hostfile lines, `host slots=N`, one per host."""
+    if slots < 1:
+        raise ValueError(f"slots must be positive, got {slots}")
+    return [f"{host} slots={slots}" for host in hosts]
+
+
+def _hostfile_main(args: argparse.Namespace) -> int:
+    nodelist_var = next((v for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if v in os.environ), None)
+    if args.nodelist is None and nodelist_var is None:
+        print("moelora_ds.launch hostfile: SLURM_JOB_NODELIST is not set (run it inside a SLURM allocation or pass "
+              "--nodelist)", file=sys.stderr)
+        return 2
+    nodelist = args.nodelist if args.nodelist is not None else os.environ[nodelist_var]
+    try:
+        lines = hostfile_lines(expand_nodelist(nodelist), args.slots)
+    except ValueError as error:
+        print(f"moelora_ds.launch hostfile: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelora_ds.launch",
+                                     description="Launch helpers for SLURM allocations.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    hostfile = commands.add_parser("hostfile", help="print a DeepSpeed hostfile (`host slots=N` lines) for the "
+                                                    "allocation, for `deepspeed --hostfile`")
+    hostfile.add_argument("--slots", type=int, required=True, help="ranks per host (usually GPUs per node)")
+    hostfile.add_argument("--nodelist", help="a SLURM node list instead of $SLURM_JOB_NODELIST")
+    args = parser.parse_args(argv)
+    return _hostfile_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -206,22 +206,24 @@ class SlurmCluster:
         raise SlurmClusterError(f"nodes not idle after {timeout:.0f}s: {states}\n{self.logs_tail()}")
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged through their pid files, in that order, waiting for each to exit."""
-        names = [f"slurmd-{node}" for node in self.nodes] + ["slurmctld", "munged"]
-        for name in names:
+        """SIGTERM slurmd, slurmctld and munged (pids from their pid files), in that order, and reap each."""
+        for name in [f"slurmd-{node}" for node in self.nodes] + ["slurmctld", "munged"]:
+            process = self._processes.pop(name, None)
+            if process is None:
+                continue
             try:
                 pid = int((self.pid_dir / f"{name}.pid").read_text().split()[0])
             except (FileNotFoundError, ValueError, IndexError):
-                pid = None
-            process = self._processes.get(name)
-            if pid is not None:
-                _terminate(pid)
-            if process is not None:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                pid = process.pid
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     def logs_tail(self, lines: int = 20) -> str:
@@ -275,20 +277,3 @@ class SlurmCluster:
             raise SlurmClusterError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout
 
-
-def _terminate(pid: int, timeout: float = 10.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -1,0 +1,28 @@
+"""A minimal multi-rank job: rendezvous through moelora_ds.launch, one all_reduce, one JSON line per rank.
+
+Run by the SLURM and MPI tests (`srun python tests/allreduce_probe.py`, `mpirun -np 2 python ...`).
+"""
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from moelora_ds.launch import init_distributed  # noqa: E402
+
+if __name__ == "__main__":
+    rank, world_size = init_distributed()
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    report = {"rank": rank, "world_size": world_size, "sum": value.item(), "backend": dist.get_backend(),
+              "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+              "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR",
+                                                     "MASTER_PORT")}}
+    print("PROBE " + json.dumps(report), flush=True)
+    dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""Ranks started by OpenMPI's mpirun: DeepSpeed's MPI discovery (mpi4py) through moelora_ds.launch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO
+from slurm_cluster import free_ports
+
+pytestmark = pytest.mark.mpi
+
+
+def mpirun(ranks: int, *command: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`mpirun -np N` as root on this one machine; MASTER_PORT is a free port so concurrent runs do not collide."""
+    if shutil.which("mpirun") is None:
+        pytest.fail("mpirun not found: install Debian's openmpi-bin and libopenmpi-dev (then pip install mpi4py)")
+    (port,) = free_ports(1)
+    return subprocess.run(["mpirun", "-np", str(ranks), "--allow-run-as-root", "--oversubscribe",
+                           "-x", f"MASTER_PORT={port}", *command], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def probe_reports(output: str) -> list[dict]:
+    return sorted((json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if "PROBE " in line),
+                  key=lambda report: report["rank"])
+
+
+def test_mpirun_allreduce(subprocess_env):
+    result = mpirun(2, "python", str(REPO / "tests" / "allreduce_probe.py"), env=subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = probe_reports(result.stdout)
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert all(r["world_size"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo" for r in reports)
+    assert [r["env"]["LOCAL_RANK"] for r in reports] == ["0", "1"]
+    assert "via mpi, master via MPI" in result.stdout
