@@ -19,8 +19,8 @@ def full_shape(param: torch.Tensor) -> torch.Size:
 
 
 def route(logits: torch.Tensor, top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gates (softmax, then top-k mask and renormalisation) and the dense softmax probabilities, in fp32."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Gates (softmax, then top-k mask and renormalisation) and the dense softmax probabilities, in fp32 or better."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     if top_k is None:
         return probs, probs
     kept, index = probs.topk(top_k, dim=-1)
@@ -31,7 +31,7 @@ def route(logits: torch.Tensor, top_k: Optional[int]) -> tuple[torch.Tensor, tor
 def load_balancing_loss(gates: torch.Tensor, probs: torch.Tensor, coef: float) -> torch.Tensor:
     """coef * E * sum_e f_e * P_e with f_e the share of routed slots and P_e the mean router probability."""
     num_experts = gates.shape[-1]
-    routed = (gates > 0).float()
+    routed = (gates > 0).to(probs.dtype)
     share = routed.sum(0) / routed.sum().clamp_min(1.0)
     return coef * num_experts * (share * probs.mean(0)).sum()
 
