@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-"""Debian packages the cluster needs (SLURM 22.05 and MUNGE on Debian 12)."""
+APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix-dev")
+"""Debian packages the cluster needs: SLURM 22.05, MUNGE, and PMIx for `srun --mpi=pmix` (SLURM loads libpmix.so)."""
 NODES = ("node1", "node2")
 CPUS_PER_NODE = 2
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE"}
 REQUIRED_PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun")
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
 class SlurmClusterError(RuntimeError):
@@ -33,15 +34,22 @@ class SlurmClusterError(RuntimeError):
 
 
 def ensure_packages() -> None:
-    """Install the Debian packages when a program is missing, or fail saying what to install."""
-    missing = [p for p in REQUIRED_PROGRAMS if shutil.which(p, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    """Install missing Debian packages (as root, with apt-get), or fail saying what is missing and how to install it."""
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
+    if shutil.which("dpkg-query") is None:
+        missing = [p for p in REQUIRED_PROGRAMS if shutil.which(p, path=SBIN_PATH) is None]
+        if missing:
+            raise SlurmClusterError(f"SLURM/MUNGE programs {missing} not found; on Debian/Ubuntu: {' '.join(install)}")
+        return
+    missing = [p for p in APT_PACKAGES
+               if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout
+               != "install ok installed"]
     if not missing:
         return
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SlurmClusterError(f"programs {missing} not found; install the Debian packages as root: {' '.join(command)}")
+    if os.geteuid() != 0:
+        raise SlurmClusterError(f"Debian packages {missing} are not installed; as root run: {' '.join(install)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "update", "-qq"], command):
+    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
         result = subprocess.run(step, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise SlurmClusterError(f"{' '.join(step)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -62,7 +70,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def parse_record(line: str) -> dict[str, str]:
-    """One `scontrol show ... -o` line as a dict (values never contain spaces except in the last fields we skip)."""
+    """One `scontrol show ... -o` line as a dict of its KEY=VALUE fields (a value with spaces keeps its first word)."""
     record = {}
     for item in line.split():
         key, sep, value = item.partition("=")
@@ -72,7 +80,7 @@ def parse_record(line: str) -> dict[str, str]:
 
 
 def _sbin(program: str) -> str:
-    path = shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    path = shutil.which(program, path=SBIN_PATH)
     if path is None:
         raise SlurmClusterError(f"{program} not found")
     return path
@@ -116,6 +124,8 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
             "SchedulerType=sched/backfill",
+            # Pending jobs that become eligible later (a requeued job) are started within a second, not a minute.
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             "ReturnToService=2",
             "MinJobAge=300",
             "KillWait=5",

@@ -8,6 +8,9 @@ import subprocess
 
 import pytest
 
+import training_runs
+from moelora_ds.checkpoint import read_run_info
+
 from conftest import REPO
 from slurm_cluster import free_ports
 
@@ -37,3 +40,16 @@ def test_mpirun_allreduce(subprocess_env):
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo" for r in reports)
     assert [r["env"]["LOCAL_RANK"] for r in reports] == ["0", "1"]
     assert "via mpi, master via MPI" in result.stdout
+
+
+def test_training_under_mpirun_matches_the_deepspeed_launcher(tmp_path_factory, tiny_model_dir, tiny_mc_data, tmp_path,
+                                                              subprocess_env):
+    config, reference = training_runs.tiny_run(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env)
+    output_dir = tmp_path / "out"
+    result = mpirun(training_runs.WORLD_SIZE, "python", str(training_runs.TRAIN_SCRIPT), "--config", str(config),
+                    f"--train.output_dir={output_dir}", env=subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("via mpi, master via MPI") == training_runs.WORLD_SIZE
+    root = output_dir / "checkpoints"
+    assert read_run_info(root / (root / "latest").read_text().strip())["world_size"] == training_runs.WORLD_SIZE
+    assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)

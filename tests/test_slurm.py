@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
 
+import training_runs
+from moelora_ds.checkpoint import read_run_info
 from moelora_ds.launch import SLURM_PORT_BASE, expand_nodelist
+from moelora_ds.metrics import read_metrics
 
 from conftest import REPO
 
@@ -62,3 +68,101 @@ def test_hostfile_for_the_allocation(slurm_cluster, tmp_path, subprocess_env):
     script = batch_script(tmp_path / "hostfile.sbatch", "python -m moelora_ds.launch hostfile --slots 2")
     record = run_job(slurm_cluster, script, tmp_path / "hostfile.log", subprocess_env, "--nodes=2")
     assert record["log"].splitlines()[-2:] == ["node1 slots=2", "node2 slots=2"]
+
+
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+# The test nodes have 2 CPUs and no GPUs: override the script's GPU defaults, one CPU rank per node.
+CPU_OPTIONS = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env):
+    return training_runs.tiny_run(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env)
+
+
+def submit_training(cluster, config: Path, output_dir: Path, log: Path, env: dict) -> int:
+    """`MOELORA_CPU=1 sbatch [CPU options] slurm/train.sbatch CONFIG --train.output_dir=...`, from the repository root."""
+    return cluster.submit(TRAIN_SBATCH, [str(config), f"--train.output_dir={output_dir}"], env={**env, "MOELORA_CPU": "1"},
+                          options=[*CPU_OPTIONS, "--output", str(log)], cwd=REPO)
+
+
+def pause_ranks(cluster, output_dir: Path, max_logged_steps: int) -> list[int]:
+    """SIGSTOP both training ranks as soon as both handle SIGUSR1; returns their pids.
+
+    A signal sent to stopped ranks is handled as soon as they continue, so what the test signals does not
+    race the tiny run (a few steps per second). Fails if the run had logged more than `max_logged_steps`.
+    """
+    def handlers_installed() -> bool:
+        pids = training_runs.rank_pids(output_dir)
+        return len(pids) == training_runs.WORLD_SIZE and all(map(training_runs.catches, pids))
+
+    cluster.wait_for(handlers_installed, timeout=120, what=f"two training ranks handling SIGUSR1 ({output_dir})",
+                     poll=0.05)
+    pids = training_runs.rank_pids(output_dir)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    logged = len(read_metrics(output_dir))
+    assert logged <= max_logged_steps, f"the run had logged {logged} steps before it could be paused"
+    return pids
+
+
+def resume_ranks(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+    config, reference = tiny_run
+    output_dir, log = tmp_path / "out", tmp_path / "train.log"
+    record = slurm_cluster.wait(submit_training(slurm_cluster, config, output_dir, log, subprocess_env), timeout=180)
+    text = log.read_text()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-4000:]
+    assert "rank 0/2 (local 0) on node1 via slurm" in text and "rank 1/2 (local 0) on node2 via slurm" in text
+    root = output_dir / "checkpoints"
+    info = read_run_info(root / (root / "latest").read_text().strip())
+    assert (info["world_size"], info["step"]) == (2, training_runs.STEPS)
+    assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+    config, reference = tiny_run
+    output_dir, log = tmp_path / "out", tmp_path / "train.log"
+    job_id = submit_training(slurm_cluster, config, output_dir, log, subprocess_env)
+    # The flag is all-reduced after every step: stopped with at most STEPS - 3 steps logged, the ranks checkpoint
+    # at step STEPS - 1 at the latest, so the requeued run has steps left to train.
+    ranks = pause_ranks(slurm_cluster, output_dir, max_logged_steps=training_runs.STEPS - 3)
+    slurm_cluster.command("scancel", "--signal=USR1", str(job_id))
+    resume_ranks(ranks)
+    record = slurm_cluster.wait(job_id, timeout=180)
+    text = log.read_text()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
+    checkpointed = [int(m) for m in re.findall(r"SIGUSR1: checkpointed step (\d+)", text)]
+    assert len(checkpointed) == 1 and 1 <= checkpointed[0] < training_runs.STEPS, text[-4000:]
+    assert f"requeueing job {job_id}" in text
+    assert f"resumed from {output_dir / 'checkpoints' / f'step_{checkpointed[0]}'}" in text
+    assert read_run_info(output_dir / "checkpoints" / f"step_{training_runs.STEPS}")["world_size"] == 2
+    assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)
+
+
+def test_cancelled_job_is_not_requeued(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+    config, _ = tiny_run
+    output_dir, log = tmp_path / "out", tmp_path / "train.log"
+    job_id = submit_training(slurm_cluster, config, output_dir, log, subprocess_env)
+    pause_ranks(slurm_cluster, output_dir, max_logged_steps=training_runs.STEPS - 1)
+    slurm_cluster.command("scancel", str(job_id))  # SLURM itself continues, then terminates the stopped ranks
+    record = slurm_cluster.wait(job_id, timeout=60)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0")
+    assert "requeueing" not in log.read_text()
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"MOELORA_CPU": "1"}, [], "usage: sbatch slurm/train.sbatch CONFIG"),
+    ({}, ["config.yaml"], "no GPUs allocated (--gpus-per-node); for CPU training set MOELORA_CPU=1"),
+])
+def test_train_sbatch_refuses_bad_invocations(slurm_cluster, tmp_path, subprocess_env, env, args, message):
+    log = tmp_path / "train.log"
+    job_id = slurm_cluster.submit(TRAIN_SBATCH, args, env={**subprocess_env, **env},
+                                  options=[*CPU_OPTIONS, "--output", str(log)], cwd=REPO)
+    record = slurm_cluster.wait(job_id, timeout=60)
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", "2:0", "0")
+    assert message in log.read_text()
