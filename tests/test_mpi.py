@@ -53,3 +53,20 @@ def test_training_under_mpirun_matches_the_deepspeed_launcher(tmp_path_factory, 
     root = output_dir / "checkpoints"
     assert read_run_info(root / (root / "latest").read_text().strip())["world_size"] == training_runs.WORLD_SIZE
     assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slurm
+def test_mpirun_inside_a_two_node_allocation(slurm_cluster, tmp_path, subprocess_env):
+    """OpenMPI starts its daemon on node2 through srun: that rank sees SLURM step variables as well as MPI ones."""
+    (port,) = free_ports(1)
+    script = tmp_path / "mpirun.sbatch"
+    script.write_text("#!/bin/bash\n"
+                      f"mpirun --allow-run-as-root -np 2 --map-by node -x MASTER_PORT={port} -x OMPI_MCA_btl=self,tcp "
+                      f"python {REPO / 'tests' / 'allreduce_probe.py'}\n")
+    log = tmp_path / "mpirun.log"
+    record = slurm_cluster.wait(slurm_cluster.submit(script, env=subprocess_env, options=["--nodes=2", "--output", str(log)]),
+                                timeout=120)
+    assert record["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    reports = probe_reports(log.read_text())
+    assert [(r["rank"], r["node"], r["sum"]) for r in reports] == [(0, "node1", 3.0), (1, "node2", 3.0)]
+    assert log.read_text().count("via mpi, master via MPI") == 2
