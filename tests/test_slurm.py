@@ -30,7 +30,7 @@ def probe_reports(output: str) -> list[dict]:
                   key=lambda report: report["rank"])
 
 
-def run_job(cluster, script: Path, log: Path, env: dict, *options: str, timeout: float = 120) -> dict:
+def run_job(cluster, script: Path, log: Path, env: dict, *options: str, timeout: float = 300) -> dict:
     job_id = cluster.submit(script, env=env, options=["--output", str(log), *options], cwd=REPO)
     record = cluster.wait(job_id, timeout)
     record["log"] = log.read_text() if log.exists() else ""
@@ -96,7 +96,7 @@ def pause_ranks(cluster, output_dir: Path, max_logged_steps: int) -> list[int]:
         pids = training_runs.rank_pids(output_dir)
         return len(pids) == training_runs.WORLD_SIZE and all(map(training_runs.catches, pids))
 
-    cluster.wait_for(handlers_installed, timeout=120, what=f"two training ranks handling SIGUSR1 ({output_dir})",
+    cluster.wait_for(handlers_installed, timeout=300, what=f"two training ranks handling SIGUSR1 ({output_dir})",
                      poll=0.05)
     pids = training_runs.rank_pids(output_dir)
     for pid in pids:
@@ -114,7 +114,7 @@ def resume_ranks(pids: list[int]) -> None:
 def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher(slurm_cluster, tiny_run, tmp_path, subprocess_env):
     config, reference = tiny_run
     output_dir, log = tmp_path / "out", tmp_path / "train.log"
-    record = slurm_cluster.wait(submit_training(slurm_cluster, config, output_dir, log, subprocess_env), timeout=180)
+    record = slurm_cluster.wait(submit_training(slurm_cluster, config, output_dir, log, subprocess_env), timeout=300)
     text = log.read_text()
     assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-4000:]
     assert "rank 0/2 (local 0) on node1 via slurm" in text and "rank 1/2 (local 0) on node2 via slurm" in text
@@ -133,7 +133,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run,
     ranks = pause_ranks(slurm_cluster, output_dir, max_logged_steps=training_runs.STEPS - 3)
     slurm_cluster.command("scancel", "--signal=USR1", str(job_id))
     resume_ranks(ranks)
-    record = slurm_cluster.wait(job_id, timeout=180)
+    record = slurm_cluster.wait(job_id, timeout=300)
     text = log.read_text()
     assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
     checkpointed = [int(m) for m in re.findall(r"SIGUSR1: checkpointed step (\d+)", text)]
