@@ -240,7 +240,8 @@ def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed and return (rank, world_size).
 
     Works under the deepspeed launcher, torchrun, srun (one task per rank), mpirun (DeepSpeed's MPI
-    discovery via mpi4py) and as a lone process. Each rank prints one line saying how it was placed.
+    discovery via mpi4py) and as a lone process, then makes the LOCAL_RANK-th device current. Each rank
+    started by srun or mpirun, and a lone process, prints one line saying how it was placed.
     """
     import deepspeed
     import torch.distributed as dist
@@ -267,6 +268,9 @@ def init_distributed() -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=discover, distributed_port=int(rendezvous["MASTER_PORT"]),
                                    verbose=False)
+        # Every rank may see all devices of its node (srun, the deepspeed launcher): use the LOCAL_RANK-th one,
+        # so that tensors put on `current_device()` before deepspeed.initialize land where the engine expects them.
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
 
 
