@@ -124,6 +124,22 @@ def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher(slurm_cluster,
     assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)
 
 
+def test_train_sbatch_with_two_cpu_ranks_per_node(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+    config, _ = tiny_run
+    output_dir, log = tmp_path / "out", tmp_path / "train.log"
+    job_id = slurm_cluster.submit(TRAIN_SBATCH, [str(config), f"--train.output_dir={output_dir}", "--train.max_steps=2"],
+                                  env={**subprocess_env, "MOELORA_CPU": "1", "MOELORA_TASKS_PER_NODE": "2"},
+                                  options=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                                           "--output", str(log)], cwd=REPO)
+    record = slurm_cluster.wait(job_id, timeout=300)
+    text = log.read_text()
+    assert record["JobState"] == "COMPLETED", text[-4000:]
+    placed = set(re.findall(r"rank (\d)/4 \(local (\d)\) on (node\d) via slurm", text))
+    assert placed == {("0", "0", "node1"), ("1", "1", "node1"), ("2", "0", "node2"), ("3", "1", "node2")}
+    assert read_run_info(output_dir / "checkpoints" / "step_2")["world_size"] == 4
+    assert len(training_runs.losses(output_dir)) == 2
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run, tmp_path, subprocess_env):
     config, reference = tiny_run
     output_dir, log = tmp_path / "out", tmp_path / "train.log"
