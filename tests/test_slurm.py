@@ -71,6 +71,7 @@ def test_hostfile_for_the_allocation(slurm_cluster, tmp_path, subprocess_env):
 
 
 TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+EXPORT_SBATCH = REPO / "slurm" / "export.sbatch"
 # The test nodes have 2 CPUs and no GPUs: override the script's GPU defaults, one CPU rank per node.
 CPU_OPTIONS = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1")
 
@@ -111,7 +112,7 @@ def resume_ranks(pids: list[int]) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher_then_exports(slurm_cluster, tiny_run, tmp_path, subprocess_env):
     config, reference = tiny_run
     output_dir, log = tmp_path / "out", tmp_path / "train.log"
     record = slurm_cluster.wait(submit_training(slurm_cluster, config, output_dir, log, subprocess_env), timeout=300)
@@ -122,6 +123,13 @@ def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher(slurm_cluster,
     info = read_run_info(root / (root / "latest").read_text().strip())
     assert (info["world_size"], info["step"]) == (2, training_runs.STEPS)
     assert training_runs.losses(output_dir) == pytest.approx(reference, rel=1e-6, abs=1e-7)
+
+    export_dir, export_log = tmp_path / "merged", tmp_path / "export.log"
+    export_job = slurm_cluster.submit(EXPORT_SBATCH, [str(output_dir), str(export_dir)], env=subprocess_env,
+                                      options=["--cpus-per-task=1", "--output", str(export_log)], cwd=REPO)
+    record = slurm_cluster.wait(export_job, timeout=300)
+    assert (record["JobState"], record["NumNodes"]) == ("COMPLETED", "1"), export_log.read_text()[-4000:]
+    assert (export_dir / "config.json").is_file() and (export_dir / "model.safetensors").is_file()
 
 
 def test_train_sbatch_with_two_cpu_ranks_per_node(slurm_cluster, tiny_run, tmp_path, subprocess_env):
