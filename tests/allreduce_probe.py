@@ -16,6 +16,15 @@ import torch.distributed as dist  # noqa: E402
 
 from moelora_ds.launch import init_distributed  # noqa: E402
 
+SCRIPT = Path(__file__).resolve()
+
+
+def probe_reports(output: str) -> list[dict]:
+    """The ranks' reports found in a job's output, by rank."""
+    return sorted((json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if "PROBE " in line),
+                  key=lambda report: report["rank"])
+
+
 if __name__ == "__main__":
     rank, world_size = init_distributed()
     value = torch.tensor([float(rank + 1)])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 
 import pytest
 
 import training_runs
+from allreduce_probe import SCRIPT as PROBE, probe_reports
 from moelora_ds.checkpoint import read_run_info
 
 from conftest import REPO
@@ -27,13 +27,8 @@ def mpirun(ranks: int, *command: str, env: dict[str, str], timeout: float = 300)
                           timeout=timeout)
 
 
-def probe_reports(output: str) -> list[dict]:
-    return sorted((json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if "PROBE " in line),
-                  key=lambda report: report["rank"])
-
-
 def test_mpirun_allreduce(subprocess_env):
-    result = mpirun(2, "python", str(REPO / "tests" / "allreduce_probe.py"), env=subprocess_env)
+    result = mpirun(2, "python", str(PROBE), env=subprocess_env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reports = probe_reports(result.stdout)
     assert [r["rank"] for r in reports] == [0, 1]
@@ -62,7 +57,7 @@ def test_mpirun_inside_a_two_node_allocation(slurm_cluster, tmp_path, subprocess
     script = tmp_path / "mpirun.sbatch"
     script.write_text("#!/bin/bash\n"
                       f"mpirun --allow-run-as-root -np 2 --map-by node -x MASTER_PORT={port} -x OMPI_MCA_btl=self,tcp "
-                      f"python {REPO / 'tests' / 'allreduce_probe.py'}\n")
+                      f"python {PROBE}\n")
     log = tmp_path / "mpirun.log"
     record = slurm_cluster.wait(slurm_cluster.submit(script, env=subprocess_env, options=["--nodes=2", "--output", str(log)]),
                                 timeout=120)

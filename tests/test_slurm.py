@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import training_runs
+from allreduce_probe import SCRIPT as PROBE, probe_reports
 from moelora_ds.checkpoint import read_run_info
 from moelora_ds.launch import SLURM_PORT_BASE, expand_nodelist
 from moelora_ds.metrics import read_metrics
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slurm
 def batch_script(path: Path, *lines: str) -> Path:
     path.write_text("#!/bin/bash\nset -euo pipefail\n" + "\n".join(lines) + "\n")
     return path
-
-
-def probe_reports(output: str) -> list[dict]:
-    return sorted((json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines() if "PROBE " in line),
-                  key=lambda report: report["rank"])
 
 
 def run_job(cluster, script: Path, log: Path, env: dict, *options: str, timeout: float = 300) -> dict:
@@ -45,7 +40,7 @@ def test_nodelist_expansion_matches_scontrol(slurm_cluster, nodelist):
 
 def test_srun_ranks_rendezvous_across_two_nodes(slurm_cluster, tmp_path, subprocess_env):
     script = batch_script(tmp_path / "probe.sbatch",
-                          f"srun --ntasks-per-node=1 python {REPO / 'tests' / 'allreduce_probe.py'}")
+                          f"srun --ntasks-per-node=1 python {PROBE}")
     record = run_job(slurm_cluster, script, tmp_path / "probe.log", subprocess_env, "--nodes=2")
     reports = probe_reports(record["log"])
     assert [(r["rank"], r["node"]) for r in reports] == [(0, "node1"), (1, "node2")]
@@ -58,7 +53,7 @@ def test_srun_ranks_rendezvous_across_two_nodes(slurm_cluster, tmp_path, subproc
 
 def test_srun_with_pmix_keeps_slurm_rendezvous(slurm_cluster, tmp_path, subprocess_env):
     script = batch_script(tmp_path / "pmix.sbatch",
-                          f"srun --mpi=pmix --ntasks-per-node=1 python {REPO / 'tests' / 'allreduce_probe.py'}")
+                          f"srun --mpi=pmix --ntasks-per-node=1 python {PROBE}")
     record = run_job(slurm_cluster, script, tmp_path / "pmix.log", subprocess_env, "--nodes=2")
     assert [(r["rank"], r["sum"]) for r in probe_reports(record["log"])] == [(0, 3.0), (1, 3.0)]
     assert record["log"].count("via slurm") == 2
