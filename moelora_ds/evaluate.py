@@ -1,0 +1,191 @@
+"""Evaluation: token-level loss and multiple-choice accuracy, sharded over ranks.
+
+Every rank runs the same number of forward passes (ranks whose shard is short run padding batches whose
+results are discarded): under ZeRO-3 a forward pass gathers parameters collectively, so a rank that
+skipped one would hang the others. Works with a plain `nn.Module`, a DeepSpeed engine, or an engine's
+module; tensors go to the model's device (the accelerator's current device for ZeRO-3-partitioned
+parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .collate import IGNORE_INDEX, pad_batch
+from .data import load_records, tokenize_records
+from .tokenization import render_chat
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs must go: the parameters' device, or the accelerator's for ZeRO-3 partitioned ones."""
+    parameter = next(model.parameters())
+    if hasattr(parameter, "ds_id"):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return parameter.device
+
+
+def _all_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class _EvalMode:
+    """`with _EvalMode(model):` eval mode and no autograd, restoring the previous mode afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def eval_batches(examples: Sequence[Mapping[str, Sequence[int]]], *, micro_batch_size: int, rank: int,
+                 world_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's share (every world_size-th example) of one pass over `examples`, in order.
+
+    Every rank gets the same number of batches; a rank with nothing left gets a padding batch whose
+    labels are all -100, so it adds nothing to the loss.
+    """
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    mine = list(examples[rank::world_size])
+    count = math.ceil(math.ceil(len(examples) / world_size) / micro_batch_size)
+    batches = []
+    for b in range(count):
+        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        if not chunk:
+            chunk = [{"input_ids": examples[0]["input_ids"], "labels": [IGNORE_INDEX] * len(examples[0]["labels"])}]
+        batches.append(pad_batch(chunk, pad_token_id))
+    return batches
+
+
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                  world_size: int = 1) -> float:
+    """Mean next-token cross-entropy over all labelled tokens of `batches` (token-weighted, not batch-weighted).
+
+    With world_size > 1 the sums are all-reduced over the process group, so every rank must pass the
+    same number of batches (as `eval_batches` gives). NaN when no token is labelled.
+    """
+    device = model_device(model)
+    loss_sum, tokens = 0.0, 0
+    with _EvalMode(model):
+        for batch in batches:
+            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+            logits = model(**inputs).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum"))
+            tokens += int((labels != IGNORE_INDEX).sum())
+    loss_sum, tokens = _all_sum([loss_sum, float(tokens)], device, world_size)
+    return loss_sum / tokens if tokens else float("nan")
+
+
+def _split_multiple_choice(record: dict, choices: Sequence[str], index: int) -> tuple[list[dict], str]:
+    messages = record.get("messages")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"record {index}: a multiple-choice record is a chat ending with the assistant's answer")
+    gold = (messages[-1].get("content") or "").strip()
+    if gold not in choices:
+        raise ValueError(f"record {index}: the answer {gold!r} is not one of the choices {list(choices)}")
+    return messages[:-1], gold
+
+
+def is_multiple_choice(records: Sequence[dict], choices: Sequence[str]) -> bool:
+    """Whether every record is a chat whose final assistant answer is one of `choices`."""
+    try:
+        for index, record in enumerate(records):
+            _split_multiple_choice(record, choices, index)
+    except ValueError:
+        return False
+    return bool(records)
+
+
+def choice_token_ids(tokenizer, prompt_text: str, choices: Sequence[str]) -> list[int]:
+    """The token of each choice when written right after `prompt_text`, as the assistant's answer is.
+
+    Each choice must be one token there, and the tokens distinct; otherwise ValueError.
+    """
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = []
+    for choice in choices:
+        full = tokenizer(prompt_text + choice, add_special_tokens=False)["input_ids"]
+        if full[:len(prompt_ids)] != prompt_ids or len(full) != len(prompt_ids) + 1:
+            raise ValueError(f"choice {choice!r} is not a single token after the prompt (it tokenizes to "
+                             f"{full[len(prompt_ids) - 1:]} at the prompt's end); use single-token choices")
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the choices {list(choices)} do not tokenize to distinct tokens ({ids})")
+    return ids
+
+
+def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[dict],
+                             choices: Sequence[str] = ("A", "B", "C", "D"), micro_batch_size: int = 8,
+                             rank: int = 0, world_size: int = 1) -> dict:
+    """Accuracy of the next-token prediction restricted to the choices' tokens.
+
+    Each record is a chat ending with the assistant's answer (one of `choices`). The conversation before
+    it is rendered with the generation prompt; the prediction is the choice whose first token has the
+    highest logit at the next position. Rank r scores every world_size-th record; counts are summed
+    over ranks. Returns {"accuracy", "correct", "total"}.
+    """
+    if not records:
+        raise ValueError("no records to evaluate")
+    split = [_split_multiple_choice(record, choices, i) for i, record in enumerate(records)]
+    prompts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages, _ in split]
+    token_ids = choice_token_ids(tokenizer, prompts[0], choices)
+    device = model_device(model)
+    mine = list(range(rank, len(records), world_size))
+    count = math.ceil(math.ceil(len(records) / world_size) / micro_batch_size)
+    correct = 0
+    with _EvalMode(model):
+        for b in range(count):
+            chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+            predictions = _predict(model, tokenizer, [prompts[i] for i in chunk or [0]], token_ids, device)
+            correct += sum(choices[p] == split[i][1] for i, p in zip(chunk, predictions))
+    correct, total = _all_sum([float(correct), float(len(mine))], device, world_size)
+    return {"accuracy": correct / total, "correct": int(correct), "total": int(total)}
+
+
+def _predict(model: torch.nn.Module, tokenizer, prompts: list[str], token_ids: list[int],
+             device: torch.device) -> list[int]:
+    encoded = [{"input_ids": ids, "labels": ids} for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    batch = pad_batch(encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    last = batch["attention_mask"].sum(dim=1).to(device) - 1
+    scores = logits[torch.arange(len(prompts), device=device), last][:, token_ids]
+    return scores.argmax(dim=-1).tolist()
+
+
+def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, world_size: int,
+                 micro_batch_size: int) -> dict:
+    """The training run's evaluation of `data_config.eval_path`: {"eval_loss"} and, for multiple-choice
+    chat data whose answers are `data_config.choices`, {"accuracy"}."""
+    records, fmt = load_records(data_config.eval_path, data_config.format)
+    limit: Optional[int] = data_config.eval_max_samples
+    records = records if limit is None else records[:limit]
+    examples, _ = tokenize_records(records, fmt, tokenizer, data_config.max_length, data_config.overlong)
+    batches = eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                           pad_token_id=tokenizer.pad_token_id)
+    result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size)}
+    if fmt == "chat" and is_multiple_choice(records, data_config.choices):
+        result["accuracy"] = multiple_choice_accuracy(model, tokenizer, records, data_config.choices,
+                                                      micro_batch_size, rank, world_size)["accuracy"]
+    return result
