@@ -134,7 +134,8 @@ def _slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     node_rank = _int(env, "SLURM_NODEID", required=where)
     num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", required=where)
     if not 0 <= rank < world:
-        raise LaunchEnvironmentError(f"SLURM_PROCID={rank} is outside 0..{world - 1} (SLURM_STEP_NUM_TASKS/SLURM_NTASKS)")
+        raise LaunchEnvironmentError(f"SLURM_PROCID={rank} is outside 0..{world - 1} "
+                                     f"(SLURM_STEP_NUM_TASKS/SLURM_NTASKS)")
     if not 0 <= node_rank < num_nodes:
         raise LaunchEnvironmentError(f"SLURM_NODEID={node_rank} is outside 0..{num_nodes - 1} (SLURM_STEP_NUM_NODES)")
     out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
@@ -218,7 +219,7 @@ def rendezvous_from_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def reachable_master_addr(host: str, env: Mapping[str, str]) -> str:
-    """`host` if it resolves here, else its NodeAddr from `scontrol show node` (SLURM node names need not be DNS names)."""
+    """`host` if it resolves here, else its NodeAddr from `scontrol show node` (node names need not be DNS names)."""
     try:
         socket.getaddrinfo(host, None)
         return host

@@ -59,8 +59,8 @@ def test_mpirun_inside_a_two_node_allocation(slurm_cluster, tmp_path, subprocess
                       f"mpirun --allow-run-as-root -np 2 --map-by node -x MASTER_PORT={port} -x OMPI_MCA_btl=self,tcp "
                       f"python {PROBE}\n")
     log = tmp_path / "mpirun.log"
-    record = slurm_cluster.wait(slurm_cluster.submit(script, env=subprocess_env, options=["--nodes=2", "--output", str(log)]),
-                                timeout=120)
+    job_id = slurm_cluster.submit(script, env=subprocess_env, options=["--nodes=2", "--output", str(log)])
+    record = slurm_cluster.wait(job_id, timeout=300)
     assert record["JobState"] == "COMPLETED", log.read_text()[-4000:]
     reports = probe_reports(log.read_text())
     assert [(r["rank"], r["node"], r["sum"]) for r in reports] == [(0, "node1", 3.0), (1, "node2", 3.0)]

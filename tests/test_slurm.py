@@ -77,16 +77,17 @@ def tiny_run(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env):
 
 
 def submit_training(cluster, config: Path, output_dir: Path, log: Path, env: dict) -> int:
-    """`MOELORA_CPU=1 sbatch [CPU options] slurm/train.sbatch CONFIG --train.output_dir=...`, from the repository root."""
-    return cluster.submit(TRAIN_SBATCH, [str(config), f"--train.output_dir={output_dir}"], env={**env, "MOELORA_CPU": "1"},
-                          options=[*CPU_OPTIONS, "--output", str(log)], cwd=REPO)
+    """`MOELORA_CPU=1 sbatch [CPU options] slurm/train.sbatch CONFIG --train.output_dir=...` from the repository."""
+    return cluster.submit(TRAIN_SBATCH, [str(config), f"--train.output_dir={output_dir}"],
+                          env={**env, "MOELORA_CPU": "1"}, options=[*CPU_OPTIONS, "--output", str(log)], cwd=REPO)
 
 
 def pause_ranks(cluster, output_dir: Path, max_logged_steps: int) -> list[int]:
     """SIGSTOP both training ranks as soon as both handle SIGUSR1; returns their pids.
 
-    A signal sent to stopped ranks is handled as soon as they continue, so what the test signals does not
-    race the tiny run (a few steps per second). Fails if the run had logged more than `max_logged_steps`.
+    A signal that reached stopped ranks is handled as soon as they continue, so what the test signals
+    does not race the tiny run (several steps per second). Fails if the run had logged more than
+    `max_logged_steps` steps.
     """
     def handlers_installed() -> bool:
         pids = training_runs.rank_pids(output_dir)
@@ -107,7 +108,8 @@ def resume_ranks(pids: list[int]) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher_then_exports(slurm_cluster, tiny_run, tmp_path, subprocess_env):
+def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher_then_exports(slurm_cluster, tiny_run, tmp_path,
+                                                                              subprocess_env):
     config, reference = tiny_run
     output_dir, log = tmp_path / "out", tmp_path / "train.log"
     record = slurm_cluster.wait(submit_training(slurm_cluster, config, output_dir, log, subprocess_env), timeout=300)
@@ -130,7 +132,8 @@ def test_train_sbatch_on_two_nodes_matches_the_deepspeed_launcher_then_exports(s
 def test_train_sbatch_with_two_cpu_ranks_per_node(slurm_cluster, tiny_run, tmp_path, subprocess_env):
     config, _ = tiny_run
     output_dir, log = tmp_path / "out", tmp_path / "train.log"
-    job_id = slurm_cluster.submit(TRAIN_SBATCH, [str(config), f"--train.output_dir={output_dir}", "--train.max_steps=2"],
+    args = [str(config), f"--train.output_dir={output_dir}", "--train.max_steps=2"]
+    job_id = slurm_cluster.submit(TRAIN_SBATCH, args,
                                   env={**subprocess_env, "MOELORA_CPU": "1", "MOELORA_TASKS_PER_NODE": "2"},
                                   options=["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
                                            "--output", str(log)], cwd=REPO)
@@ -151,6 +154,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tiny_run,
     # at step STEPS - 1 at the latest, so the requeued run has steps left to train.
     ranks = pause_ranks(slurm_cluster, output_dir, max_logged_steps=training_runs.STEPS - 3)
     slurm_cluster.command("scancel", "--signal=USR1", str(job_id))
+    slurm_cluster.wait_for(lambda: all(map(training_runs.pending, ranks)), timeout=30, what="SIGUSR1 at both ranks")
     resume_ranks(ranks)
     record = slurm_cluster.wait(job_id, timeout=300)
     text = log.read_text()

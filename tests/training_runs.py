@@ -78,11 +78,25 @@ def rank_pids(output_dir: Path) -> list[int]:
     return pids
 
 
-def catches(pid: int, signum: int = signal.SIGUSR1) -> bool:
-    """Whether process `pid` has a handler installed for `signum` (SigCgt in /proc/PID/status)."""
+def _signal_mask(pid: int, *fields: str) -> int:
+    """The OR of signal masks `fields` (SigCgt, SigPnd, ShdPnd, ...) of /proc/PID/status; 0 once the process is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
-        return False
-    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return bool(caught >> (signum - 1) & 1)
+        return 0
+    mask = 0
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in fields:
+            mask |= int(value.strip(), 16)
+    return mask
+
+
+def catches(pid: int, signum: int = signal.SIGUSR1) -> bool:
+    """Whether process `pid` has a handler installed for `signum`."""
+    return bool(_signal_mask(pid, "SigCgt") >> (signum - 1) & 1)
+
+
+def pending(pid: int, signum: int = signal.SIGUSR1) -> bool:
+    """Whether `signum` was delivered to (stopped) process `pid` and waits to be handled."""
+    return bool(_signal_mask(pid, "SigPnd", "ShdPnd") >> (signum - 1) & 1)
