@@ -193,3 +193,10 @@ def test_hostfile_command_outside_an_allocation(monkeypatch, capsys):
     assert "SLURM_JOB_NODELIST is not set" in capsys.readouterr().err
     assert main(["hostfile", "--slots", "2", "--nodelist", "a[1-2]"]) == 0
     assert capsys.readouterr().out.splitlines() == ["a1 slots=2", "a2 slots=2"]
+
+
+def test_train_sbatch_requeues_on_the_engines_exit_status():
+    from moelora_ds.engine import EXIT_CHECKPOINTED_ON_SIGNAL
+
+    script = (REPO / "slurm" / "train.sbatch").read_text()
+    assert f"\nEXIT_CHECKPOINTED_ON_SIGNAL={EXIT_CHECKPOINTED_ON_SIGNAL} " in script
