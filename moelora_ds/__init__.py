@@ -1,5 +1,6 @@
 """moelora-ds: mixture-of-LoRA-experts adapters with Riemannian preconditioning, trained under DeepSpeed."""
 
+from .adapter import load_adapter
 from .inject import adapter_parameters, inject_moelora, moelora_layers, router_aux_loss
 from .layer import MoELoRALinear
 from .moelora_config import MoELoRAConfig
@@ -11,6 +12,7 @@ __all__ = [
     "adapter_parameters",
     "create_riemannian_optimizer",
     "inject_moelora",
+    "load_adapter",
     "moelora_layers",
     "router_aux_loss",
     "set_preconditioning",

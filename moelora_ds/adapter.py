@@ -1,0 +1,91 @@
+"""Adapter-only exports: `adapter_model.safetensors` (public names) + `adapter_config.json`, and `load_adapter`.
+
+`adapter_config.json` is the MoELoRAConfig dict plus `base_model` (where and what the base model was).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import adapter_parameters, inject_moelora, moelora_layers
+from .layer import full_shape
+from .merge import adapter_mismatches
+from .moelora_config import MoELoRAConfig
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "moelora-ds-adapter"
+
+
+class AdapterError(ValueError):
+    """An adapter directory that does not fit the model it is loaded into (or is no adapter at all)."""
+
+
+def save_adapter(out_dir: Path, adapters: Mapping[str, torch.Tensor], config: MoELoRAConfig, base_model: dict) -> None:
+    """Write the adapter weights and config into an existing directory."""
+    save_file({name: tensor.contiguous() for name, tensor in adapters.items()}, str(out_dir / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps({"format": FORMAT, **config.to_dict(), "base_model": base_model},
+                                                     indent=2) + "\n")
+
+
+def read_adapter_config(adapter_dir: Path) -> tuple[MoELoRAConfig, dict]:
+    """(MoE-LoRA config, base model info) of an adapter directory."""
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file() or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{adapter_dir} is not a moelora-ds adapter directory (needs {ADAPTER_CONFIG} and "
+                           f"{ADAPTER_WEIGHTS}, as `moelora-export --mode adapter` writes them)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise AdapterError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+        raise AdapterError(f"{path}: not a moelora-ds adapter config (no \"format\": \"{FORMAT}\")")
+    base_model = data.pop("base_model", {})
+    try:
+        return MoELoRAConfig(**data), base_model
+    except (TypeError, ValueError) as error:
+        raise AdapterError(f"{path}: {error}") from None
+
+
+def _check_injected(model: nn.Module, config: MoELoRAConfig) -> None:
+    """The layers already injected must compute what the adapter was trained for."""
+    wanted = {"num_experts": config.num_experts, "rank": config.rank, "scaling": config.scaling,
+              "top_k": config.routed_top_k}
+    for path, layer in moelora_layers(model):
+        found = {key: getattr(layer, key) for key in wanted}
+        if found != wanted:
+            raise AdapterError(f"{path}: the model's MoE-LoRA layer has {found} but the adapter needs {wanted}")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Inject MoE-LoRA (unless already injected) and load an adapter export's weights; returns the model.
+
+    Under ZeRO-3 call it before `deepspeed.initialize` (the adapters are not partitioned yet then).
+    """
+    adapter_dir = Path(adapter_dir)
+    config, _ = read_adapter_config(adapter_dir)
+    if next(moelora_layers(model), None) is None:
+        inject_moelora(model, config)
+    else:
+        _check_injected(model, config)
+    params = adapter_parameters(model)
+    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    expected = {name: tuple(full_shape(param)) for name, param in params.items()}
+    problems = adapter_mismatches(expected, weights)
+    if problems:
+        raise AdapterError(f"{adapter_dir} does not fit {type(model).__name__}: " + "; ".join(problems))
+    partitioned = [name for name, param in params.items() if param.numel() != weights[name].numel()]
+    if partitioned:
+        raise AdapterError(f"adapter parameters are ZeRO-3 partitioned ({partitioned[0]}, ...): "
+                           f"call load_adapter before deepspeed.initialize")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    return model
