@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -28,3 +29,33 @@ def train_main(argv: list[str] | None = None) -> int:
     from .engine import train
 
     return train(config)
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelora-export",
+        description="Export a training checkpoint (any ZeRO stage, any world size) as a Hugging Face model "
+                    "directory with the adapters merged (loads with AutoModelForCausalLM.from_pretrained), "
+                    "or as the adapter weights alone (loads with moelora_ds.load_adapter).")
+    parser.add_argument("--checkpoint", required=True, help="the training run's output_dir (holding checkpoints/)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_200 (default: checkpoints/latest)")
+    parser.add_argument("--out", required=True, help="directory to create (must not exist, or be empty)")
+    parser.add_argument("--mode", choices=["merged", "adapter"], default="merged",
+                        help="merged: self-contained model directory (default); adapter: adapter weights only")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest weight file of a merged export (default 2GB)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = _export_parser().parse_args(argv)
+    from .checkpoint_adapters import CheckpointError
+    from .export import ExportError, export_checkpoint
+
+    try:
+        out = export_checkpoint(Path(args.checkpoint), Path(args.out), mode=args.mode, tag=args.tag,
+                                max_shard_size=args.max_shard_size)
+    except (CheckpointError, ExportError, OSError) as error:
+        print(f"moelora-export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"moelora-export: wrote {out}")
+    return 0

@@ -1,0 +1,141 @@
+"""Reading the trained adapters back out of a training checkpoint of any ZeRO stage and world size.
+
+Checkpoints are saved with `exclude_frozen_parameters=True`, so they hold the adapters only. Under ZeRO
+stages 1-3 the fp32 master weights are spread over the ranks' `*_optim_states.pt` files and
+`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint` reassembles them (any world
+size). Under stage 0 DeepSpeed writes one `mp_rank_00_model_states.pt` whose `module` dict holds the
+adapters in the training dtype (measured with DeepSpeed 0.19.8: fp32, or the bf16 working copy in a bf16 run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import LATEST, RUN_FILE, TMP_PREFIX
+from .inject import find_target_linears
+from .merge import ADAPTER_TENSORS, adapter_mismatches, expected_adapters
+from .moelora_config import MoELoRAConfig
+
+STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be exported; the message names what is missing or broken."""
+
+
+@dataclass
+class TrainedAdapters:
+    checkpoint_dir: Path
+    run_info: dict
+    config: MoELoRAConfig
+    model_dir: Path
+    """The local Hugging Face directory the base model was loaded from."""
+    adapters: dict[str, torch.Tensor]
+    """Public names (`<path>.lora_A`, ...) -> fp32 tensors."""
+
+
+def _tags(root: Path) -> str:
+    tags = sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and (p / RUN_FILE).is_file() and not p.name.startswith(TMP_PREFIX))
+    return ", ".join(tags) or "none"
+
+
+def resolve_checkpoint_dir(checkpoint: Path, tag: Optional[str] = None) -> Path:
+    """`OUTPUT_DIR` (+ tag, default: the one `checkpoints/latest` names) -> `OUTPUT_DIR/checkpoints/<tag>`.
+
+    A checkpoint tag directory itself (one holding moelora_run.json) is accepted too.
+    """
+    if tag is None and (checkpoint / RUN_FILE).is_file():
+        return checkpoint
+    root = checkpoint / "checkpoints"
+    if not root.is_dir():
+        raise CheckpointError(f"{checkpoint}: no checkpoints/ directory (expected a training run's output_dir)")
+    if tag is None:
+        latest = root / LATEST
+        if not latest.is_file():
+            raise CheckpointError(f"{latest} is missing: no complete checkpoint was published; "
+                                  f"complete tags: {_tags(root)} (pass one with --tag)")
+        tag = latest.read_text().strip()
+    path = root / tag
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {tag!r} not found: {path} does not exist; "
+                              f"complete tags: {_tags(root)}")
+    if not (path / RUN_FILE).is_file():
+        raise CheckpointError(f"{path / RUN_FILE} is missing: the checkpoint is incomplete")
+    return path
+
+
+def _read_run_info(checkpoint_dir: Path) -> tuple[dict, MoELoRAConfig, Path]:
+    path = checkpoint_dir / RUN_FILE
+    try:
+        info = json.loads(path.read_text())
+        config = MoELoRAConfig(**info["config"]["moelora"])
+        stage, model_dir = int(info["zero_stage"]), Path(info["model_dir"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} is corrupt or incomplete ({type(error).__name__}: {error})") from None
+    if stage not in (0, 1, 2, 3):
+        raise CheckpointError(f"{path}: unknown zero_stage {stage}")
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"the base model directory {model_dir} (model_dir in {path}) has no config.json")
+    return info, config, model_dir
+
+
+def _check_readable(checkpoint_dir: Path) -> None:
+    """Every DeepSpeed file must be a complete torch (zip) archive: a truncated one has no central directory."""
+    for path in sorted(checkpoint_dir.glob("*_states.pt")):
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise CheckpointError(f"{path} is truncated or corrupt ({error})") from None
+
+
+def _load_deepspeed_state(checkpoint_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    _check_readable(checkpoint_dir)
+    if stage == 0:
+        path = checkpoint_dir / STAGE0_MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (a ZeRO stage-0 checkpoint keeps its weights there)")
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    quiet = io.StringIO()  # it narrates every step on stdout and draws progress bars on stderr
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name,
+                                                        exclude_frozen_parameters=True)
+
+
+def expected_layers(model_dir: Path, config: MoELoRAConfig) -> dict[str, tuple[int, int]]:
+    """Adapted layer path -> (out_features, in_features), from the base architecture built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {path: (model.get_submodule(path).out_features, model.get_submodule(path).in_features)
+            for path in find_target_linears(model, config)}
+
+
+def read_trained_adapters(checkpoint: Path, tag: Optional[str] = None) -> TrainedAdapters:
+    """The adapters of a checkpoint, checked against the base model and the run's MoE-LoRA configuration."""
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint, tag)
+    info, config, model_dir = _read_run_info(checkpoint_dir)
+    try:
+        state = _load_deepspeed_state(checkpoint_dir, int(info["zero_stage"]))
+    except CheckpointError:
+        raise
+    except Exception as error:  # torch.load / zero_to_fp32 on truncated, corrupt or missing rank files
+        raise CheckpointError(f"{checkpoint_dir}: cannot read the DeepSpeed checkpoint files "
+                              f"({type(error).__name__}: {error})") from None
+    adapters = {name: tensor.float() for name, tensor in state.items()
+                if any(name.endswith("." + part) for part in ADAPTER_TENSORS)}
+    problems = adapter_mismatches(expected_adapters(expected_layers(model_dir, config), config), adapters)
+    if problems:
+        raise CheckpointError(f"{checkpoint_dir}: " + "; ".join(problems))
+    return TrainedAdapters(checkpoint_dir, info, config, model_dir, adapters)
