@@ -413,7 +413,8 @@ def test_other_stages_and_world_sizes_export(run, stage, world_size, request, ti
     assert export_main(["--checkpoint", str(output_dir), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     torch.testing.assert_close(logits_of(merged), reference, rtol=0, atol=1e-4)
-    assert export_main(["--checkpoint", str(output_dir), "--out", str(tmp_path / "adapter"), "--mode", "adapter"]) == 0
+    tag_dir = checkpoint_dir(output_dir)  # a checkpoint tag directory is accepted as --checkpoint too
+    assert export_main(["--checkpoint", str(tag_dir), "--out", str(tmp_path / "adapter"), "--mode", "adapter"]) == 0
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
     torch.testing.assert_close(logits_of(reloaded), reference, rtol=0, atol=1e-6)
 
