@@ -36,24 +36,54 @@ def load_balancing_loss(gates: torch.Tensor, probs: torch.Tensor, coef: float) -
     return coef * num_experts * (share * probs.mean(0)).sum()
 
 
-class _ExpertUpProjection(torch.autograd.Function):
-    """y = sum_e B_e v_e, with B's gradient taken against `v_for_weight_grad` instead of v.
+class _RoutedExperts(torch.autograd.Function):
+    """`base_out + s * sum_e g_e B_e h_e` for all experts at once, with the gate rescaling's gradients.
 
-    This is what lets the square-root gate rescaling live in rank space: v carries the gate values,
-    `v_for_weight_grad` the sqrt(gate)-weighted activations the expert factors should learn from.
+    h (tokens, E, r) is every expert's rank-space activation A_e dropout(x), gates (tokens, E) the routing
+    weights, lora_B (E, out, r). The value is the plainly gated sum. Gradients (METHOD.md section 1): with
+    `sqrt_rescale`, h and B_e learn from sqrt(g_e) B_e h_e instead of g_e B_e h_e (the paper's
+    `w_e = sqrt(g_e) out_e + (g_e - sqrt(g_e)) out_e.detach()`), while the gates get their plain gradient
+    <grad, s B_e h_e>; without it, plain gating. Everything stays in rank space: the experts are one
+    (tokens, E*r) x (E*r, out) product accumulated into the base output in place (addmm_, no
+    (tokens, out) temporary), so `base_out` must be the base linear's own fresh output.
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, v_for_weight_grad: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(v_for_weight_grad, lora_B)
-        return torch.einsum("ner,eor->no", v, lora_B)
+    def forward(ctx, base_out: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, sqrt_rescale: bool) -> torch.Tensor:
+        tokens, num_experts, rank = h.shape
+        out_features = lora_B.shape[1]
+        # (E, out, r) -> (out, E*r): column e*r + j of B_cat is column j of B_e, matching h's (E, r) layout.
+        B_cat = lora_B.permute(1, 0, 2).reshape(out_features, num_experts * rank).to(h.dtype)
+        g = gates.to(h.dtype).unsqueeze(-1)
+        ctx.save_for_backward(h, g, B_cat)
+        ctx.scaling, ctx.sqrt_rescale = scaling, sqrt_rescale
+        ctx.gates_dtype, ctx.B_dtype = gates.dtype, lora_B.dtype
+        v = (g * h).view(tokens, num_experts * rank)
+        if base_out.dtype == h.dtype and base_out.is_contiguous():
+            base_out.view(tokens, out_features).addmm_(v, B_cat.t(), alpha=scaling)
+            ctx.mark_dirty(base_out)
+            return base_out
+        return base_out + (scaling * (v @ B_cat.t())).view(base_out.shape).to(base_out.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        v_for_weight_grad, lora_B = ctx.saved_tensors
-        grad_v = torch.einsum("no,eor->ner", grad_out, lora_B)
-        grad_B = torch.einsum("no,ner->eor", grad_out, v_for_weight_grad)
-        return grad_v, None, grad_B
+        h, g, B_cat = ctx.saved_tensors
+        tokens, num_experts, rank = h.shape
+        _, need_h, need_gates, need_B, _, _ = ctx.needs_input_grad
+        grad_lora = grad_out.reshape(tokens, -1).to(h.dtype)
+        weight = g.sqrt() if ctx.sqrt_rescale else g
+        grad_h = grad_gates = grad_B = None
+        if need_h or need_gates:
+            grad_v = (grad_lora @ B_cat).mul_(ctx.scaling).view(tokens, num_experts, rank)
+            if need_h:
+                grad_h = grad_v * weight
+            if need_gates:
+                grad_gates = (grad_v * h).sum(-1).to(ctx.gates_dtype)
+        if need_B:
+            grad_B_cat = (grad_lora.t() @ (weight * h).view(tokens, num_experts * rank)).mul_(ctx.scaling)
+            grad_B = grad_B_cat.view(-1, num_experts, rank).permute(1, 0, 2).contiguous().to(ctx.B_dtype)
+        return grad_out, grad_h, grad_gates, grad_B, None, None
 
 
 class MoELoRALinear(nn.Module):
@@ -111,16 +141,7 @@ class MoELoRALinear(nn.Module):
         if self.riemannian_reg is not None and torch.is_grad_enabled():
             lora_A, lora_B = precondition_factors(lora_A, lora_B, self.riemannian_reg)
         h = (self.dropout(tokens) @ lora_A.reshape(-1, self.in_features).t()).view(-1, self.num_experts, self.rank)
-        gates = gates.to(h.dtype).unsqueeze(-1)
-        if self.gate_rescale == "sqrt":
-            sqrt_gates = gates.detach().sqrt()
-            v = sqrt_gates * h + (gates - sqrt_gates) * h.detach()
-            v_for_weight_grad = (sqrt_gates * h).detach()
-        else:
-            v = gates * h
-            v_for_weight_grad = v.detach()
-        lora_out = _ExpertUpProjection.apply(v, v_for_weight_grad, lora_B)
-        return base_out + self.scaling * lora_out.view(*x.shape[:-1], self.out_features).to(base_out.dtype)
+        return _RoutedExperts.apply(base_out, h, gates, lora_B, self.scaling, self.gate_rescale == "sqrt")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
