@@ -66,10 +66,12 @@ class _RoutedExperts(torch.autograd.Function):
         out_features = lora_B.shape[1]
         # (E, out, r) -> (out, E*r): column e*r + j of B_cat is column j of B_e, matching h's (E, r) layout.
         B_cat = lora_B.permute(1, 0, 2).reshape(out_features, num_experts * rank).to(h.dtype)
-        g = gates.to(h.dtype).unsqueeze(-1)
-        ctx.save_for_backward(h, g, B_cat)
-        ctx.scaling, ctx.sqrt_rescale = scaling, sqrt_rescale
-        ctx.gates_dtype, ctx.B_dtype = gates.dtype, lora_B.dtype
+        # The gates expanded to h's shape once: on CPU, products with a (tokens, E, 1) broadcast operand run
+        # 3-7x slower than same-shape ones, and forward and backward need three of them.
+        g = gates.to(h.dtype).unsqueeze(-1).expand(tokens, num_experts, rank).contiguous()
+        weight = g.sqrt() if sqrt_rescale else g  # what h and B learn through (METHOD.md section 1)
+        ctx.save_for_backward(h, weight, B_cat)
+        ctx.scaling, ctx.gates_dtype, ctx.B_dtype = scaling, gates.dtype, lora_B.dtype
         v = (g * h).view(tokens, num_experts * rank)
         if base_out.dtype == h.dtype and base_out.is_contiguous():
             base_out.view(tokens, out_features).addmm_(v, B_cat.t(), alpha=scaling)
@@ -79,11 +81,10 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        h, g, B_cat = ctx.saved_tensors
+        h, weight, B_cat = ctx.saved_tensors
         tokens, num_experts, rank = h.shape
         _, need_h, need_gates, need_B, _, _ = ctx.needs_input_grad
         grad_lora = grad_out.reshape(tokens, -1).to(h.dtype)
-        weight = g.sqrt() if ctx.sqrt_rescale else g
         grad_h = grad_gates = grad_B = None
         if need_h or need_gates:
             grad_v = (grad_lora @ B_cat).mul_(ctx.scaling).view(tokens, num_experts, rank)
