@@ -60,6 +60,8 @@ def build_deepspeed_config(config: RunConfig, world_size: int | None = None) -> 
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{name}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
     ds.setdefault("zero_allow_untested_optimizer", True)
+    if offloads_optimizer(ds) and config.optimizer.name.endswith("sgd"):
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # DeepSpeed has no CPU SGD; torch's runs on the CPU copy
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
