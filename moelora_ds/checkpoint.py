@@ -54,7 +54,14 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, run_info: dict, keep: int) -> Path:
-    """Save on every rank, publish on rank 0 (rename, then `latest`), prune to the newest `keep` (0: all)."""
+    """Save on every rank, publish on rank 0 (rename, then `latest`), prune to the newest `keep` (0: all).
+
+    Refuses (NonFiniteError on every rank, nothing written) when any rank's adapters or optimizer state
+    hold a NaN or an infinity.
+    """
+    from .nonfinite import check_finite_state
+
+    check_finite_state(engine, engine.device, f"refusing to save checkpoint {tag_for_step(step)}")
     tag = tag_for_step(step)
     staging_tag = f"{TMP_PREFIX}{tag}"
     rank = dist.get_rank()

@@ -20,15 +20,31 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 configuration or data error, 3 non-finite values, 75 checkpointed on SIGUSR1."""
     args, overrides = _train_parser().parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
+        from .preflight import preflight
+
+        preflight(config)
     except ConfigError as error:
         print(f"moelora-train: configuration error: {error}", file=sys.stderr)
         return 2
+    from .data import DataError
     from .engine import train
+    from .nonfinite import NonFiniteError
 
-    return train(config)
+    try:
+        return train(config)
+    except ConfigError as error:
+        print(f"moelora-train: configuration error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:
+        print(f"moelora-train: data error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"moelora-train: stopped: {error}", file=sys.stderr)
+        return 3
 
 
 def _export_parser() -> argparse.ArgumentParser:

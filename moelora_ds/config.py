@@ -119,7 +119,9 @@ class TrainLoopConfig:
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
     nonfinite: Literal["stop", "skip"] = "stop"
-    """On a non-finite loss: stop with an error naming the step, or skip that step's update."""
+    """On a non-finite loss or gradient: stop with an error naming the step, or discard that step's whole update."""
+    collective_timeout_s: int = 600
+    """Seconds a rank waits in a collective for the others before failing, so a hung rank ends the job."""
 
 
 @dataclass
@@ -278,7 +280,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: train: set exactly one of max_steps and epochs "
                           f"(got max_steps={train.max_steps}, epochs={train.epochs})")
     positive = {"train.micro_batch_size": train.micro_batch_size, "train.grad_accum": train.grad_accum,
-                "train.log_every": train.log_every, "data.max_length": config.data.max_length,
+                "train.log_every": train.log_every, "train.collective_timeout_s": train.collective_timeout_s,
+                "data.max_length": config.data.max_length,
                 "optimizer.lr": config.optimizer.lr, "optimizer.reg": config.optimizer.reg}
     if train.max_steps is not None:
         positive["train.max_steps"] = train.max_steps

@@ -21,11 +21,15 @@ import torch
 from .collate import Example, pack_examples, pad_batch
 from .tokenization import tokenize_records
 
-__all__ = ["FORMATS", "ShardedBatches", "load_records", "tokenize_records"]
+__all__ = ["FORMATS", "DataError", "ShardedBatches", "load_records", "tokenize_records"]
 
 FORMATS = ("chat", "prompt_completion", "text")
 _FORMAT_KEYS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 _LOADERS = {".json": "from_json", ".jsonl": "from_json", ".parquet": "from_parquet", ".csv": "from_csv"}
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file (and line or record) at fault."""
 
 
 def load_records(path: str, format: str = "auto") -> tuple[list[dict], str]:

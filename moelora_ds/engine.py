@@ -23,21 +23,18 @@ from deepspeed.accelerator import get_accelerator
 
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_dict
-from .data import ShardedBatches, load_records, tokenize_records
+from .data import DataError, ShardedBatches, load_records, tokenize_records
 from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .evaluate import evaluate_run
 from .inject import inject_moelora, router_aux_loss
 from .launch import init_distributed
 from .metrics import MetricsLogger
 from .model_loading import load_base_model, load_tokenizer, local_model_dir
+from .nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
 from .optim_factory import build_optimizer, scheduler_factory
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75
 """Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +58,8 @@ def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
 class StepStats:
     loss: float
     tokens: int
-    skipped: bool
+    skipped: Optional[str]
+    """Why the step's update was discarded (nonfinite.StepGuard.outcome), or None."""
 
 
 class PreemptionFlag:
@@ -78,7 +76,7 @@ class PreemptionFlag:
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.rank, self.world_size = init_distributed()
+        self.rank, self.world_size = init_distributed(timeout_s=config.train.collective_timeout_s)
         self.device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
         self.ds_config = build_deepspeed_config(config, self.world_size)
         self.output_dir = Path(config.train.output_dir)
@@ -100,15 +98,26 @@ class Trainer:
 
     def _build_batches(self) -> ShardedBatches:
         data = self.config.data
-        records, fmt = load_records(data.train_path, data.format)
-        examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong)
-        if self.rank == 0 and (stats.get("truncated") or stats.get("dropped")):
-            print(f"[moelora-ds] {data.train_path}: {stats['examples']} examples, {stats['truncated']} truncated, "
-                  f"{stats['dropped']} dropped (data.max_length={data.max_length}, data.overlong={data.overlong})")
-        return ShardedBatches(examples, micro_batch_size=self.config.train.micro_batch_size, rank=self.rank,
-                              world_size=self.world_size, seed=self.config.train.seed, shuffle=data.shuffle,
-                              packing=data.packing, max_length=data.max_length,
-                              pad_token_id=self.tokenizer.pad_token_id)
+        try:
+            records, fmt = load_records(data.train_path, data.format)
+        except (OSError, ValueError) as error:
+            raise DataError(f"data.train_path: {error}") from None
+        try:
+            examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong)
+            if not examples:
+                raise ValueError(f"all {len(records)} records were dropped as longer than "
+                                 f"data.max_length={data.max_length} (data.overlong={data.overlong})")
+            batches = ShardedBatches(examples, micro_batch_size=self.config.train.micro_batch_size, rank=self.rank,
+                                     world_size=self.world_size, seed=self.config.train.seed, shuffle=data.shuffle,
+                                     packing=data.packing, max_length=data.max_length,
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        except ValueError as error:
+            raise DataError(f"data.train_path: {data.train_path}: {error}") from None
+        if self.rank == 0:
+            print(f"[moelora-ds] {data.train_path}: {len(records)} {fmt} records, {stats['examples']} examples "
+                  f"({stats['truncated']} truncated, {stats['dropped']} dropped as longer than "
+                  f"data.max_length={data.max_length}, data.overlong={data.overlong})", flush=True)
+        return batches
 
     def _total_steps(self) -> int:
         train = self.config.train
@@ -142,9 +151,15 @@ class Trainer:
         return tensor.tolist()
 
     def train_step(self, batch_iter) -> StepStats:
-        """`grad_accum` micro-batches and one optimizer step; a non-finite loss on any rank skips or stops."""
-        losses, tokens, skipped = [], 0, False
-        for _ in range(self.config.train.grad_accum):
+        """`grad_accum` micro-batches and one optimizer step, discarded whole or stopped if anything is non-finite.
+
+        Every micro-batch's loss is checked on all ranks before its backward (nonfinite.py says how a
+        step is discarded under `train.nonfinite=skip`).
+        """
+        guard = StepGuard(self.config.train.nonfinite, self.step + 1)
+        micro_batches = self.config.train.grad_accum
+        losses, tokens, grads_dropped = [], 0, False
+        for micro in range(micro_batches):
             batch = {k: v.to(self.device) for k, v in next(batch_iter).items()}
             tokens += int(batch["attention_mask"].sum())
             loss = self.engine(**batch).loss
@@ -152,16 +167,15 @@ class Trainer:
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
             total_loss, nonfinite = self._all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))])
-            if nonfinite:
-                if self.config.train.nonfinite == "stop":
-                    raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} on {int(nonfinite)} rank(s); "
-                                             f"set train.nonfinite=skip to skip such micro-batches")
-                skipped = True
-            else:
-                self.engine.backward(loss)
-                losses.append(total_loss / self.world_size)
+            guard.loss(micro, micro_batches, int(nonfinite), self.world_size)
+            losses.append(total_loss / self.world_size)
+            self.engine.backward(loss)
+            if micro == micro_batches - 1:
+                grads_dropped = discard_nonfinite_gradients(self.engine, self.device)
             self.engine.step()
-        return StepStats(loss=sum(losses) / len(losses) if losses else float("nan"), tokens=tokens, skipped=skipped)
+        skipped = guard.outcome(self.engine.was_step_applied(), grads_dropped, self.engine.get_global_grad_norm(),
+                                self.engine.fp16_enabled(), self.scheduler.step)
+        return StepStats(loss=sum(losses) / len(losses), tokens=tokens, skipped=skipped)
 
     def train(self) -> int:
         self.resume()
@@ -176,13 +190,16 @@ class Trainer:
             started = time.perf_counter()
             stats = self.train_step(batch_iter)
             self.step += 1
+            check_finite_state(self.engine, self.device, f"after step {self.step}")
             tokens, preempted = self._all_sum([stats.tokens, float(self.preemption.raised)])
             tokens_per_s = tokens / (time.perf_counter() - started)
             last = self.step == stop
             record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
                       "epoch": self.batches.state_dict()["epoch"]}
             if stats.skipped:
-                record["skipped_nonfinite"] = True
+                record["skipped"] = stats.skipped
+                if logger is not None:
+                    logger.write(f"[moelora-ds] step {self.step}: {stats.skipped}; the update was discarded")
             evaluated = bool(self.config.data.eval_path and train.eval_every and self.step % train.eval_every == 0
                              and not last)
             if evaluated:

@@ -237,13 +237,17 @@ def reachable_master_addr(host: str, env: Mapping[str, str]) -> str:
     return match.group(1)
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed and return (rank, world_size).
 
     Works under the deepspeed launcher, torchrun, srun (one task per rank), mpirun (DeepSpeed's MPI
     discovery via mpi4py) and as a lone process, then makes the LOCAL_RANK-th device current. Each rank
     started by srun or mpirun, and a lone process, prints one line saying how it was placed.
+    `timeout_s` bounds every collective (DeepSpeed's default, 30 minutes, when None): a rank whose peer
+    hangs fails after that long instead of waiting forever.
     """
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -266,13 +270,29 @@ def init_distributed() -> tuple[int, int]:
             if launcher == "single" and os.environ.get("SLURM_NTASKS", "1") != "1":
                 print(f"[moelora-ds] warning: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process "
                       f"was not started by srun; start one rank per task with `srun python ...`", flush=True)
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=discover, distributed_port=int(rendezvous["MASTER_PORT"]),
-                                   verbose=False)
+                                   verbose=False, **timeout)
         # Every rank may see all devices of its node (srun, the deepspeed launcher): use the LOCAL_RANK-th one,
         # so that tensors put on `current_device()` before deepspeed.initialize land where the engine expects them.
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+        share_cpu_threads()
     return dist.get_rank(), dist.get_world_size()
+
+
+def share_cpu_threads() -> None:
+    """On the CPU accelerator, give each of a node's ranks its share of the cores (unless OMP_NUM_THREADS is set).
+
+    Without it every rank starts one thread per core: with 2 ranks on 2 cores, eval ran 3.5x slower.
+    """
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def _free_port() -> int:
