@@ -64,23 +64,18 @@ def _check_injected(model: nn.Module, config: MoELoRAConfig) -> None:
             raise AdapterError(f"{path}: the model's MoE-LoRA layer has {found} but the adapter needs {wanted}")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Inject MoE-LoRA (unless already injected) and load an adapter export's weights; returns the model.
-
-    Under ZeRO-3 call it before `deepspeed.initialize` (the adapters are not partitioned yet then).
-    """
-    adapter_dir = Path(adapter_dir)
-    config, _ = read_adapter_config(adapter_dir)
+def load_adapter_tensors(model: nn.Module, weights: Mapping[str, torch.Tensor], config: MoELoRAConfig,
+                         source: str = "the adapter") -> nn.Module:
+    """Inject MoE-LoRA (unless already injected) and copy adapter tensors (public names) into it."""
     if next(moelora_layers(model), None) is None:
         inject_moelora(model, config)
     else:
         _check_injected(model, config)
     params = adapter_parameters(model)
-    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     expected = {name: tuple(full_shape(param)) for name, param in params.items()}
     problems = adapter_mismatches(expected, weights)
     if problems:
-        raise AdapterError(f"{adapter_dir} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise AdapterError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     partitioned = [name for name, param in params.items() if param.numel() != weights[name].numel()]
     if partitioned:
         raise AdapterError(f"adapter parameters are ZeRO-3 partitioned ({partitioned[0]}, ...): "
@@ -89,3 +84,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         for name, param in params.items():
             param.copy_(weights[name])
     return model
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Inject MoE-LoRA (unless already injected) and load an adapter export's weights; returns the model.
+
+    Under ZeRO-3 call it before `deepspeed.initialize` (the adapters are not partitioned yet then).
+    """
+    adapter_dir = Path(adapter_dir)
+    config, _ = read_adapter_config(adapter_dir)
+    return load_adapter_tensors(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)), config, str(adapter_dir))

@@ -75,3 +75,59 @@ def export_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"moelora-export: wrote {out}")
     return 0
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelora-eval",
+        description="Loss and multiple-choice accuracy on the config's data.eval_path, for the config's base "
+                    "model, a training checkpoint (--checkpoint) or an exported model (--model); sharded over "
+                    "ranks when started by a launcher. --section.key=value overrides apply as in training.")
+    parser.add_argument("--config", help="YAML or JSON configuration file (model and data sections are used)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a training run's output_dir (or a checkpoint tag directory)")
+    source.add_argument("--model", help="an exported directory: merged model or adapter export")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
+    parser.add_argument("--json-out", default=None, help="also write the result as JSON to this file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args, overrides = _eval_parser().parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"moelora-eval: configuration error: {error}", file=sys.stderr)
+        return 2
+    if not config.data.eval_path:
+        print("moelora-eval: configuration error: data.eval_path is not set", file=sys.stderr)
+        return 2
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from .checkpoint_adapters import CheckpointError
+    from .eval_models import load_for_eval
+    from .evaluate import evaluate_run
+    from .launch import init_distributed
+
+    rank, world_size = init_distributed()
+    try:
+        model, tokenizer, what = load_for_eval(
+            config, checkpoint=Path(args.checkpoint) if args.checkpoint else None, tag=args.tag,
+            exported=Path(args.model) if args.model else None,
+            is_converter=int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier=dist.barrier)
+        result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,
+                              micro_batch_size=config.train.micro_batch_size)
+        if rank == 0:
+            print(f"moelora-eval: {what} on {config.data.eval_path}: " + json.dumps(result), flush=True)
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps({"model": what, **result}, indent=2))
+        return 0
+    except (CheckpointError, OSError, ValueError) as error:
+        print(f"moelora-eval: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()

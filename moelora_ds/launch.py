@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from itertools import product
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -278,7 +279,23 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
         # so that tensors put on `current_device()` before deepspeed.initialize land where the engine expects them.
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
         share_cpu_threads()
+        release_shm_comm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def release_shm_comm_buffer() -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce once every rank has mapped it.
+
+    DeepSpeed creates one ~66 MB segment per rank and never unlinks it: every run left them behind until
+    /dev/shm filled and ranks were OOM-killed. After the barrier all peers hold their mappings, so the
+    name can go now and the memory is freed when the ranks exit, however they exit.
+    """
+    import torch.distributed as dist
+
+    path = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    dist.barrier()
+    path.unlink(missing_ok=True)
 
 
 def share_cpu_threads() -> None:

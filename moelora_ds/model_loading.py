@@ -101,10 +101,11 @@ def local_model_dir(config: ModelConfig, *, is_converter: bool = True, barrier=N
     return target
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The model's tokenizer (pad = eos when it has none); trust_remote_code for merged exports with custom code."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
