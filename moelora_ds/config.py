@@ -118,6 +118,8 @@ class TrainLoopConfig:
     """Log metrics every N steps (the last step is always logged)."""
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
+    resume_reshard: bool = False
+    """Resume a ZeRO checkpoint with a different number of ranks: adapters exact, optimizer moments reset to zero."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: stop with an error naming the step, or discard that step's whole update."""
     collective_timeout_s: int = 600
@@ -299,8 +301,10 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {train.grad_clip}")
     if config.optimizer.router_lr is not None and config.optimizer.router_lr < 0:
         raise ConfigError(f"{src}: optimizer.router_lr: expected a non-negative value, got {config.optimizer.router_lr}")
-    if not 0 <= config.scheduler.min_lr_ratio <= 1 or config.scheduler.warmup_steps < 0:
-        raise ConfigError(f"{src}: scheduler: expected warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    if not 0 <= config.scheduler.min_lr_ratio <= 1:
+        raise ConfigError(f"{src}: scheduler.min_lr_ratio: expected a value in [0, 1], got {config.scheduler.min_lr_ratio}")
+    if config.scheduler.warmup_steps < 0:
+        raise ConfigError(f"{src}: scheduler.warmup_steps: expected 0 or more, got {config.scheduler.warmup_steps}")
     if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
         raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
 

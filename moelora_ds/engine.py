@@ -32,6 +32,7 @@ from .metrics import MetricsLogger
 from .model_loading import load_base_model, load_tokenizer, local_model_dir
 from .nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
 from .optim_factory import build_optimizer, scheduler_factory
+from .reshard import convert_data_position, load_adapters, needs_reshard, saved_client_state, saved_units_per_batch
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75
 """Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
@@ -87,8 +88,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.batches = self._build_batches()
         self.total_steps = self._total_steps()
+        self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume)
+        self.reshard = self.resume_point is not None and needs_reshard(
+            ckpt.read_run_info(self._resume_dir()), config, self.world_size, self._resume_dir())
 
         model = build_model(config, self.ds_config, self.model_dir)
+        if self.reshard:
+            load_adapters(model, self._resume_dir())
         optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
@@ -129,16 +135,32 @@ class Trainer:
         return {"world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
                 "model_dir": str(self.model_dir), "config": config_to_dict(self.config)}
 
+    def _resume_dir(self) -> Path:
+        root, tag = self.resume_point
+        return root / tag
+
     def resume(self) -> None:
-        found = ckpt.resolve_resume(self.checkpoint_root, self.config.train.resume)
-        if found is None:
+        """Continue from the checkpoint found at start-up (if any): weights, optimizer, schedule, data, RNG."""
+        if self.resume_point is None:
             return
-        root, tag = found
-        client_state = ckpt.load_checkpoint(self.engine, root, tag)
+        checkpoint_dir = self._resume_dir()
+        if self.reshard:
+            client_state = saved_client_state(checkpoint_dir)
+            self.scheduler.load_state_dict(client_state["lr_scheduler"])
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+            if self.rank == 0:
+                print(f"[moelora-ds] WARNING: {checkpoint_dir} was written by a different number of ranks: adapters "
+                      f"restored exactly, optimizer state (Adam moments) RESET to zero (train.resume_reshard)",
+                      flush=True)
+        else:
+            client_state = ckpt.load_checkpoint(self.engine, *self.resume_point)
         self.step = client_state["step"]
-        self.batches.load_state_dict(client_state["data"])
+        units = self.config.train.micro_batch_size * self.world_size
+        self.batches.load_state_dict(convert_data_position(
+            client_state["data"], saved_units_per_batch(ckpt.read_run_info(checkpoint_dir)), units))
         if self.rank == 0:
-            print(f"[moelora-ds] resumed from {root / tag} at step {self.step}")
+            print(f"[moelora-ds] resumed from {checkpoint_dir} at step {self.step}")
 
     def save(self) -> Path:
         client_state = {"step": self.step, "data": self.batches.state_dict()}
@@ -225,6 +247,7 @@ class Trainer:
                     logger.write(f"[moelora-ds] final evaluation: {final}")
         if logger is not None:
             logger.close()
+        dist.barrier()  # leave together: a rank tearing its process group down while another still used it aborted
         return exit_code
 
     def evaluate(self) -> dict:

@@ -124,13 +124,14 @@ class StepGuard:
                                      f"(is zero_optimization.compute_grad_norm false?); the adapters are no longer "
                                      f"trustworthy: resume from the last checkpoint")
             return None
+        loss_scaler_overflow = fp16 and not self.nonfinite_loss
         if self.nonfinite_loss:
             reason = "non-finite loss"
-        elif fp16:
+        elif loss_scaler_overflow:
             reason = "fp16 overflow (loss scale lowered)"
         else:
             reason = f"non-finite gradient (global norm {grad_norm})"
-        if self.policy == "stop" and reason != "fp16 overflow (loss scale lowered)":
+        if self.policy == "stop" and not loss_scaler_overflow:
             raise NonFiniteError(f"{reason} at step {self.step}; the update was discarded. Set train.nonfinite=skip "
                                  f"to discard such steps and go on")
         if not applied:  # DeepSpeed's overflow path does not advance the schedule; keep lr a function of the step

@@ -1,0 +1,163 @@
+"""Faults during real 2-rank ZeRO-3 runs (dropout on): a kill mid-save, a dead rank, a hung rank; and determinism.
+
+The uninterrupted reference is training_runs.tiny_run (shared with the SLURM and MPI tests).
+
+"Mid-save" is hit without any hook in the code under test: the test polls the checkpoint directory
+and freezes both ranks (SIGSTOP) the moment a `.tmp-<tag>` staging directory exists; frozen, the
+state cannot move on, so the test can check that the save really is unfinished (staging directory
+still there, tag not published) before it SIGKILLs them. If the save finished between seeing the
+directory and freezing, the ranks are resumed (SIGCONT) and the next save is tried (one per step).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import free_ports
+from test_engine import checkpoint_adapters
+from training_runs import TRAIN_SCRIPT, WORLD_SIZE, losses, rank_pids, tiny_run
+
+from moelora_ds.checkpoint import LATEST, TMP_PREFIX
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env) -> tuple[Path, list[float]]:
+    return tiny_run(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env)
+
+
+def start(config: Path, output_dir: Path, env: dict, *overrides: str) -> subprocess.Popen:
+    """`deepspeed --num_gpus 2 launcher/train.py --config CONFIG --train.output_dir=OUTPUT_DIR [overrides]`.
+
+    Its output goes to OUTPUT_DIR.log (see `log`).
+    """
+    (port,) = free_ports(1)
+    with open(output_dir.with_suffix(".log"), "w") as log_file:
+        return subprocess.Popen(["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(port),
+                                 str(TRAIN_SCRIPT), "--config", str(config), f"--train.output_dir={output_dir}",
+                                 *overrides], cwd=output_dir.parent, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+def log(output_dir: Path) -> str:
+    return output_dir.with_suffix(".log").read_text()[-3000:]
+
+
+def ranks(output_dir: Path) -> list[int]:
+    """The rank processes (not the launcher's, whose command line names the script too), by local rank."""
+    by_rank = {}
+    for pid in rank_pids(output_dir):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except FileNotFoundError:
+            continue
+        local = [a.split("=", 1)[1] for a in argv if a.startswith("--local_rank=")]
+        if local:
+            by_rank[int(local[0])] = pid
+    return [by_rank[r] for r in sorted(by_rank)]
+
+
+def wait_for_ranks(process: subprocess.Popen, output_dir: Path, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        pids = ranks(output_dir)
+        if len(pids) == WORLD_SIZE:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"ranks did not start:\n{log(output_dir)}")
+
+
+def wait_for_steps(process: subprocess.Popen, output_dir: Path, steps: int, timeout: float = 180) -> None:
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= steps:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {steps}:\n{log(output_dir)}")
+
+
+def send(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        os.kill(pid, signum)
+
+
+def freeze_mid_save(process: subprocess.Popen, root: Path, pids: list[int], timeout: float = 180) -> str:
+    """Freeze the ranks while a save is staged but not yet published; returns the staged tag."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        staged = [name for name in (os.listdir(root) if root.is_dir() else []) if name.startswith(TMP_PREFIX)]
+        if staged:
+            send(pids, signal.SIGSTOP)
+            tag = staged[0][len(TMP_PREFIX):]
+            if (root / staged[0]).is_dir() and not (root / tag).exists():
+                return tag
+            send(pids, signal.SIGCONT)  # it was published meanwhile: catch the next one
+    raise AssertionError(f"never caught a save in progress:\n{log(root.parent)}")
+
+
+def test_kill_during_a_save_loses_nothing(reference, tmp_path, subprocess_env):
+    config, uninterrupted = reference
+    out = tmp_path / "run"
+    process = start(config, out, subprocess_env, "--train.save_every=1", "--train.keep_checkpoints=0")
+    pids = wait_for_ranks(process, out)
+    root = out / "checkpoints"
+    staged = freeze_mid_save(process, root, pids)
+    published_before = (root / LATEST).read_text() if (root / LATEST).is_file() else None
+    send(pids, signal.SIGKILL)
+    assert process.wait(timeout=60) != 0
+    staged_step = int(staged.split("_")[1])
+    assert published_before == (f"step_{staged_step - 1}" if staged_step > 1 else None)
+    assert (root / (TMP_PREFIX + staged)).is_dir() and not (root / staged).exists()
+    if published_before is not None:
+        checkpoint_adapters(out)  # the previous checkpoint is whole and readable
+
+    resumed = start(config, out, subprocess_env, "--train.save_every=1", "--train.keep_checkpoints=0")
+    assert resumed.wait(timeout=600) == 0, log(out)
+    assert losses(out) == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+    assert (root / LATEST).read_text() == f"step_{len(uninterrupted)}"
+    assert not [name for name in os.listdir(root) if name.startswith(TMP_PREFIX)]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_lost_rank_ends_the_job(fault, reference, tmp_path, subprocess_env):
+    """SIGKILL: the launcher sees its child die. SIGSTOP (a hung rank): the survivor's collective times out.
+
+    The hung case takes about 5 s (the timeout) + 30 s: the deepspeed launcher gives the stopped rank
+    30 s to answer SIGTERM before it SIGKILLs it.
+    """
+    config, _ = reference
+    out = tmp_path / "run"
+    process = start(config, out, subprocess_env, "--train.max_steps=100000", "--train.collective_timeout_s=5")
+    pids = wait_for_ranks(process, out)
+    wait_for_steps(process, out, 2)
+    victim = pids[1]
+    started = time.monotonic()
+    os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    try:
+        returncode = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        send(ranks(out), signal.SIGKILL)
+        process.kill()
+        raise AssertionError(f"the job still ran 60 s after a rank was {fault}")
+    elapsed = time.monotonic() - started
+    assert returncode != 0 and elapsed < 60, log(out)
+    deadline = time.monotonic() + 10
+    while ranks(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ranks(out), "ranks outlived the launcher"
+
+
+def test_same_config_and_seed_give_identical_losses(reference, tmp_path, subprocess_env):
+    config, first = reference
+    out = tmp_path / "again"
+    out.mkdir()
+    process = start(config, out, subprocess_env)
+    assert process.wait(timeout=600) == 0, log(out)
+    assert losses(out) == first
