@@ -1,0 +1,402 @@
+"""Benchmark 4: robustness to the learning rate (the paper's claim), plain MoE-LoRA vs Riemannian vs Riemannian + sqrt.
+
+A learning-rate sweep under SGD and AdamW of three methods, every other setting equal (config, data,
+seeds, steps, batch size):
+  plain            optimizer.name=sgd|adamw,                       moelora.gate_rescale=none
+  riemannian       optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=none
+  riemannian+sqrt  optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=sqrt
+Every cell (optimizer, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
+--config CONFIG` with overrides, in its own output directory OUT/CELL; its result, the final evaluation
+(metrics.jsonl's last record with "accuracy"), goes to OUT/CELL/result.json. The driver just loops over
+the cells and skips those whose result.json exists, so it can be stopped and restarted at any time, or
+started detached with --background. `--report` reads the result files and writes the table (accuracy per
+cell; mean, worst and best-minus-worst over the sweep per method) into the `quality` section of
+benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
+
+Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/wordnet --seed 0`.
+
+Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
+      python benchmarks/quality.py --report                     (table and plot from the finished cells)
+      python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_utils import BENCH_DIR, REPO_ROOT, command_line, machine_lines, markdown_table, update_results  # noqa: E402
+
+DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
+TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
+METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
+    "plain": (False, "none"),
+    "riemannian": (True, "none"),
+    "riemannian+sqrt": (True, "sqrt"),
+}
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_RATES = {  # two orders of magnitude each, around what the optimizer needs on this model
+    "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "sgd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+}
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    optimizer: str
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}-{self.method}-lr{self.lr:g}-seed{self.seed}"
+
+    @property
+    def optimizer_name(self) -> str:
+        return ("riemannian_" if METHODS[self.method][0] else "") + self.optimizer
+
+    def overrides(self) -> list[str]:
+        return [f"--optimizer.name={self.optimizer_name}", f"--optimizer.lr={self.lr:g}",
+                f"--moelora.gate_rescale={METHODS[self.method][1]}", f"--train.seed={self.seed}"]
+
+
+def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds) -> list[Cell]:
+    return [Cell(opt, method, lr, seed) for opt in optimizers for lr in rates[opt] for method in methods
+            for seed in seeds]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_result(cell_dir: Path) -> Optional[dict]:
+    path = cell_dir / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: float) -> dict:
+    """The cell's result record from its metrics.jsonl: final accuracy, eval loss, last training loss, skips."""
+    from moelora_ds.metrics import read_metrics
+
+    records = read_metrics(cell_dir)
+    evals = [r for r in records if "accuracy" in r]
+    train = [r for r in records if "loss" in r and "tokens_per_s" in r]
+    return {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
+            "optimizer_name": cell.optimizer_name, "gate_rescale": METHODS[cell.method][1],
+            "accuracy": evals[-1]["accuracy"] if evals else None,
+            "eval_loss": evals[-1].get("eval_loss") if evals else None,
+            "final_train_loss": train[-1]["loss"] if train else None,
+            "steps": train[-1]["step"] if train else 0,
+            "skipped_steps": sum(1 for r in train if r.get("skipped")),
+            "exit_code": returncode, "wall_s": round(wall_s, 1)}
+
+
+def run_cell(cell: Cell, args, config: Path, base_overrides: list[str]) -> Optional[dict]:
+    """Train one cell (unless its result exists or another driver is on it); returns its result or None."""
+    cell_dir = args.out_dir / cell.name
+    done = read_result(cell_dir)
+    if done is not None:
+        return done
+    marker = cell_dir / "running.pid"
+    if marker.is_file():
+        try:
+            if _pid_alive(int(marker.read_text().strip())):
+                print(f"[quality] {cell.name}: another driver is running it, skipped", flush=True)
+                return None
+        except ValueError:
+            pass
+    shutil.rmtree(cell_dir, ignore_errors=True)
+    cell_dir.mkdir(parents=True)
+    marker.write_text(str(os.getpid()))
+    command = ["deepspeed", "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT),
+               "--config", str(config), *base_overrides, *cell.overrides(), f"--train.output_dir={cell_dir}"]
+    log = cell_dir / "train.log"
+    print(f"[quality] {cell.name}: training ({time.strftime('%H:%M:%S')})", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        returncode = subprocess.run(command, cwd=REPO_ROOT, env=launch_env(), stdout=handle,
+                                    stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+    wall = time.perf_counter() - started
+    marker.unlink(missing_ok=True)
+    result = result_from_metrics(cell, cell_dir, returncode, wall)
+    if returncode == 3:  # stopped on non-finite values (only with --train.nonfinite=stop): diverged
+        result["diverged"] = True
+    elif returncode != 0 or result["accuracy"] is None:
+        print(f"[quality] {cell.name}: FAILED (exit {returncode}), no result written; see {log}:\n"
+              + "\n".join(log.read_text().splitlines()[-15:]), flush=True)
+        return None
+    if not args.keep_checkpoints:
+        shutil.rmtree(cell_dir / "checkpoints", ignore_errors=True)
+    (cell_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    print(f"[quality] {cell.name}: accuracy {fmt_acc(result['accuracy'])} ({wall:.0f} s)", flush=True)
+    return result
+
+
+def fmt_acc(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def cell_accuracy(result: dict, chance: float) -> float:
+    """A diverged cell counts as chance level (it answers no better than guessing)."""
+    return chance if result.get("diverged") or result.get("accuracy") is None else result["accuracy"]
+
+
+def collect(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob(f"*/{RESULT_FILE}"))]
+
+
+def summarize(results: list[dict], chance: float):
+    """{(optimizer, method): {lr: mean accuracy over seeds}} and the rates of each optimizer."""
+    table: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in results:
+        table.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(cell_accuracy(r, chance))
+    return {key: {lr: mean(v) for lr, v in sorted(by_lr.items())} for key, by_lr in table.items()}
+
+
+def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], dict]:
+    """One markdown table per optimizer (methods x rates, mean, worst, best-worst) and summary lines."""
+    summary = summarize(results, chance)
+    tables, notes = [], []
+    for opt in OPTIMIZERS:
+        keys = [(opt, m) for m in METHODS if (opt, m) in summary]
+        if not keys:
+            continue
+        rates = sorted({lr for k in keys for lr in summary[k]})
+        header = ["optimizer", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst"]
+        rows = []
+        for key in keys:
+            accs = summary[key]
+            values = [accs[lr] for lr in rates if lr in accs]
+            complete = len(values) == len(rates)
+            rows.append([opt, key[1], *[fmt_acc(accs.get(lr)) for lr in rates],
+                         fmt_acc(mean(values)) + ("" if complete else "*"), fmt_acc(min(values)),
+                         f"{100 * (max(values) - min(values)):.1f}"])
+            if not complete:
+                notes.append(f"- {opt} {key[1]}: {len(values)} of {len(rates)} rates finished (* mean of those)")
+        tables.append(markdown_table(header, rows))
+        best = max(keys, key=lambda k: mean(summary[k].values()))
+        robust = max(keys, key=lambda k: min(summary[k].values()))
+        notes.append(f"- {opt}: highest mean accuracy: {best[1]} ({fmt_acc(mean(summary[best].values()))}); "
+                     f"highest worst-case accuracy: {robust[1]} ({fmt_acc(min(summary[robust].values()))})")
+    return "\n\n".join(tables), notes, summary
+
+
+def plot(summary: dict, path: Path, chance: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = [opt for opt in OPTIMIZERS if any(k[0] == opt for k in summary)]
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.2), squeeze=False)
+    for ax, opt in zip(axes[0], optimizers):
+        for method, marker in zip(METHODS, "osD"):
+            accs = summary.get((opt, method))
+            if accs:
+                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, label=method)
+        ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final eval accuracy (%)")
+        ax.set_title(opt)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Benchmark 4: accuracy vs learning rate (MoE-LoRA: plain / Riemannian / Riemannian + sqrt)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args, config_path: Path) -> None:
+    results = collect(args.out_dir)
+    if not results:
+        raise SystemExit(f"no {RESULT_FILE} under {args.out_dir}: nothing to report")
+    from moelora_ds.config import load_config
+
+    run_config = load_config(config_path)
+    chance = 1.0 / len(run_config.data.choices)
+    tables, notes, summary = report_lines(results, chance)
+    print(tables + "\n\n" + "\n".join(notes))
+    if args.plot is not None:
+        plot(summary, args.plot, chance)
+        print(f"wrote {args.plot}")
+    if args.results is None:
+        return
+    sample = results[0]
+    seeds = sorted({r["seed"] for r in results})
+    walls = [r["wall_s"] for r in results if r.get("wall_s")]
+    m = run_config.moelora
+    body = [
+        "## Benchmark 4: accuracy across learning rates, plain MoE-LoRA vs Riemannian vs Riemannian + sqrt",
+        "",
+        f"Command: `{command_line()}` (cells trained by `python benchmarks/quality.py {' '.join(args.sweep_args)}`)",
+        "",
+        *machine_lines(["deepspeed", "transformers"], os.getloadavg()),
+        f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
+        f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on {', '.join(m.target_modules)}, "
+        f"{run_config.scheduler.name} schedule), {args.num_ranks} ranks, ZeRO from {run_config.deepspeed}; "
+        f"{sample['steps']} steps, micro-batch {args.micro_batch_size or run_config.train.micro_batch_size} per rank; "
+        f"seeds {seeds}; same data order, adapter initialisation and steps in every cell",
+        f"- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
+        f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt",
+        f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
+        f"(first {args.eval_max_samples} records)" if args.eval_max_samples else
+        f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",
+        f"- per method: mean and worst over the rates, and best minus worst (lower: less sensitive); a cell "
+        f"stopped on non-finite values counts as chance ({100 * chance:.0f}%); {len(results)} cells, "
+        f"{sum(walls) / 3600:.1f} h of training",
+        "",
+        tables,
+        "",
+        *notes,
+    ]
+    if args.plot is not None:
+        body += ["", f"Plot: `{args.plot.name}`"]
+    update_results(args.results, args.section, "\n".join(body))
+    print(f"wrote {args.results}")
+
+
+def smoke_setup(root: Path) -> Path:
+    """The tiny Llama and tokenizer of tests/conftest.py saved to `root`, tiny quiz data, a config for them."""
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
+
+    model_dir = root / "tiny-llama"
+    build_tiny_model("llama").save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    train = write_jsonl(root / "train.jsonl", multiple_choice_records(32, seed=0))
+    test = write_jsonl(root / "test.jsonl", multiple_choice_records(8, seed=1))
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["model"].update(name_or_path=str(model_dir), gguf_file=None)
+    config["data"].update(train_path=str(train), eval_path=str(test), max_length=64)
+    config["train"].update(micro_batch_size=2)
+    path = root / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def background(argv: list[str], out_dir: Path) -> None:
+    """Start this driver again, detached (own session, output to OUT/driver.log), and return."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "driver.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *[a for a in argv if a != "--background"]]
+    with open(log, "a") as handle:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"[quality] driver started in the background: pid {proc.pid}, log {log}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--rates", type=float, nargs="+", default=None, help="learning rates for every optimizer")
+    parser.add_argument("--sgd-rates", type=float, nargs="+", default=DEFAULT_RATES["sgd"])
+    parser.add_argument("--adamw-rates", type=float, nargs="+", default=DEFAULT_RATES["adamw"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--steps", type=int, default=120, help="train.max_steps of every cell")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="train.micro_batch_size (default: config's)")
+    parser.add_argument("--eval-max-samples", type=int, default=200, help="data.eval_max_samples (0: all)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="scheduler.warmup_steps (default: config's)")
+    parser.add_argument("--num-ranks", type=int, default=2, help="deepspeed --num_gpus")
+    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "outputs" / "bench-quality")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per cell")
+    parser.add_argument("--background", action="store_true", help="start the sweep detached and return")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot from finished cells")
+    parser.add_argument("--section", default="quality")
+    parser.add_argument("--results", type=Path, default=None, help="default benchmarks/RESULTS.md (none under --smoke)")
+    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/quality.png (none under --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rates x AdamW x 3 methods, 2 steps")
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.sweep_args = [a for a in argv if a not in ("--report", "--background")]
+
+    temp = None
+    config = args.config
+    if args.smoke:
+        temp = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+        config = smoke_setup(temp)
+        if args.optimizers == list(OPTIMIZERS):
+            args.optimizers = ["adamw"]
+        if args.rates is None:
+            args.rates = [1e-3, 1e-2]
+        args.steps, args.eval_max_samples, args.warmup_steps = 2, 0, 0
+        if args.out_dir == REPO_ROOT / "outputs" / "bench-quality":
+            args.out_dir = temp / "cells"
+    elif args.results is None and args.plot is None:
+        args.results, args.plot = BENCH_DIR / "RESULTS.md", BENCH_DIR / "quality.png"
+
+    try:
+        if args.report and not args.smoke:
+            write_report(args, config)
+            return
+        if args.background:
+            background(argv, args.out_dir)
+            return
+        rates = {opt: args.rates or getattr(args, f"{opt}_rates") for opt in OPTIMIZERS}
+        base = [f"--train.max_steps={args.steps}", "--train.save_every=0", "--train.eval_every=0",
+                "--train.resume=never", "--train.nonfinite=skip", *extra]
+        if args.micro_batch_size:
+            base.append(f"--train.micro_batch_size={args.micro_batch_size}")
+        base.append(f"--data.eval_max_samples={args.eval_max_samples or 'null'}")
+        if args.warmup_steps is not None:
+            base.append(f"--scheduler.warmup_steps={args.warmup_steps}")
+        cells = cells_of(args.optimizers, args.methods, rates, args.seeds)
+        print(f"[quality] {len(cells)} cells in {args.out_dir}; "
+              f"{sum(read_result(args.out_dir / c.name) is not None for c in cells)} already done", flush=True)
+        for cell in cells:
+            run_cell(cell, args, config, base)
+        if args.smoke or args.results is not None or args.plot is not None:
+            write_report(args, config)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
