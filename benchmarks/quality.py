@@ -239,7 +239,7 @@ def plot(summary: dict, path: Path, chance: float) -> None:
         ax.set_title(opt)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Benchmark 4: accuracy vs learning rate (MoE-LoRA: plain / Riemannian / Riemannian + sqrt)")
+    fig.suptitle("Benchmark 4: final accuracy vs learning rate", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,9 +267,10 @@ def write_report(args, config_path: Path) -> None:
     body = [
         "## Benchmark 4: accuracy across learning rates, plain MoE-LoRA vs Riemannian vs Riemannian + sqrt",
         "",
-        f"Command: `{command_line()}` (cells trained by `python benchmarks/quality.py {' '.join(args.sweep_args)}`)",
+        f"Command: `{command_line()}`" + (f" (the cells: `python benchmarks/quality.py {' '.join(args.sweep_args)}`)"
+                                          if args.report else ""),
         "",
-        *machine_lines(["deepspeed", "transformers"], os.getloadavg()),
+        *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],
         f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
         f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on {', '.join(m.target_modules)}, "
         f"{run_config.scheduler.name} schedule), {args.num_ranks} ranks, ZeRO from {run_config.deepspeed}; "

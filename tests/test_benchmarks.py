@@ -61,3 +61,74 @@ def test_results_sections_are_replaced_not_duplicated(tmp_path):
     text = path.read_text()
     assert "second A" in text and "first A" not in text and "only B" in text
     assert text.count("<!-- BEGIN a -->") == 1 and text.index("second A") < text.index("only B")
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import importlib
+
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_quality_report_and_resume_from_result_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    quality = _bench_module("quality")
+    cells = quality.cells_of(["sgd", "adamw"], list(quality.METHODS), {"sgd": [0.01, 0.1], "adamw": [1e-4, 1e-3]}, [1])
+    assert len(cells) == 12 and len({c.name for c in cells}) == 12
+    plain, sqrt = (next(c for c in cells if c.optimizer == "sgd" and c.method == m) for m in ("plain", "riemannian+sqrt"))
+    assert "--optimizer.name=sgd" in plain.overrides() and "--moelora.gate_rescale=none" in plain.overrides()
+    assert "--optimizer.name=riemannian_sgd" in sqrt.overrides() and "--moelora.gate_rescale=sqrt" in sqrt.overrides()
+    out = tmp_path / "cells"
+    for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
+        (out / cell.name).mkdir(parents=True)
+        record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
+                  "accuracy": 0.3 + 0.05 * (i % 5), "steps": 4, "wall_s": 1.0}
+        (out / cell.name / quality.RESULT_FILE).write_text(__import__("json").dumps(record))
+
+    class Args:  # a finished cell is never retrained
+        out_dir = out
+    assert quality.run_cell(cells[0], Args, Path("unused.yaml"), [])["accuracy"] == 0.3
+    md, png = tmp_path / "r.md", tmp_path / "q.png"
+    quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
+    text = md.read_text()
+    assert "<!-- BEGIN quality -->" in text and "| optimizer | method | lr 0.01 | lr 0.1 | mean | worst |" in text
+    assert text.count("| sgd |") == 3 and text.count("| adamw |") == 3 and "1 of 2 rates finished" in text
+    assert png.stat().st_size > 1000
+
+
+def test_throughput_flop_count():
+    throughput = _bench_module("throughput")
+    moe = type("M", (), {"num_experts": 4, "rank": 8})
+    shape = throughput.ModelShape(linear_params=1000, layers=2, hidden=10, adapted=[(10, 20)])
+    frozen = throughput.flops_per_token(shape, "frozen", 5, moe)
+    assert frozen["forward"] == 2 * 1000 + 4 * 2 * 5 * 10 and frozen["adapters"] == 0
+    assert frozen["backward"] == 2 * 1000 + 8 * 2 * 5 * 10
+    assert throughput.flops_per_token(shape, "peft", 5, moe)["adapters"] == 3 * 2 * 8 * 30
+    assert throughput.flops_per_token(shape, "moelora", 5, moe)["adapters"] == 3 * (2 * 10 * 4 + 2 * 4 * 8 * 30)
+
+
+@pytest.mark.distributed
+def test_training_benchmarks_smoke(tmp_path):
+    """One real launch each, at once: throughput's PEFT baseline (through peak_memory.py) and one quality cell."""
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    commands = {
+        "throughput": [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--methods", "peft",
+                       "--memory-world-sizes", "--results", str(tmp_path / "t.md")],
+        "quality": [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--methods", "plain",
+                    "--rates", "0.01", "--results", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png")],
+    }
+    running = {name: (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=(tmp_path / f"{name}.out").open("w"),
+                                       stderr=subprocess.STDOUT), tmp_path / f"{name}.out")
+               for name, cmd in commands.items()}
+    for name, (proc, out) in running.items():
+        assert proc.wait(timeout=300) == 0, f"{name} --smoke failed:\n{out.read_text()[-4000:]}"
+    throughput = (tmp_path / "t.md").read_text()
+    assert "| peft | 2 | 3 |" in throughput and "of bf16 peak" in throughput
+    quality = (tmp_path / "q.md").read_text()
+    assert "| adamw | plain |" in quality and (tmp_path / "q.png").stat().st_size > 1000
