@@ -116,16 +116,17 @@ def read_run_info(checkpoint_dir: Path) -> dict:
     return json.loads((checkpoint_dir / RUN_FILE).read_text())
 
 
-def load_checkpoint(engine, root: Path, tag: str) -> dict:
+def load_checkpoint(engine, root: Path, tag: str, rng_dir: Optional[Path] = None) -> dict:
     """Restore adapters, optimizer, scheduler (DeepSpeed) and this rank's RNG; return the client state.
 
-    Under ZeRO stages 1-3 the world size must be the one that saved (reshard.py handles the other case).
+    Under ZeRO stages 1-3 the world size must be the one that saved, or `root/tag` a universal checkpoint
+    (reshard.py); `rng_dir` is where the per-rank RNG files are (default: root/tag).
     """
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng_file = root / tag / f"rng_state_rank{dist.get_rank()}.pt"
+    rng_file = (rng_dir or root / tag) / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state

@@ -118,8 +118,6 @@ class TrainLoopConfig:
     """Log metrics every N steps (the last step is always logged)."""
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
-    resume_reshard: bool = False
-    """Resume a ZeRO checkpoint with a different number of ranks: adapters exact, optimizer moments reset to zero."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: stop with an error naming the step, or discard that step's whole update."""
     collective_timeout_s: int = 600

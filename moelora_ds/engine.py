@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from .metrics import MetricsLogger
 from .model_loading import load_base_model, load_tokenizer, local_model_dir
 from .nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
 from .optim_factory import build_optimizer, scheduler_factory
-from .reshard import convert_data_position, load_adapters, needs_reshard, saved_client_state, saved_units_per_batch
+from .reshard import (UNIVERSAL_SCRATCH, convert_data_position, convert_to_universal, needs_universal,
+                      repair_universal_load, saved_units_per_batch)
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75
 """Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
@@ -89,12 +91,12 @@ class Trainer:
         self.batches = self._build_batches()
         self.total_steps = self._total_steps()
         self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume)
-        self.reshard = self.resume_point is not None and needs_reshard(
+        self.universal = self.resume_point is not None and needs_universal(
             ckpt.read_run_info(self._resume_dir()), config, self.world_size, self._resume_dir())
+        if self.universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         model = build_model(config, self.ds_config, self.model_dir)
-        if self.reshard:
-            load_adapters(model, self._resume_dir())
         optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
@@ -144,15 +146,8 @@ class Trainer:
         if self.resume_point is None:
             return
         checkpoint_dir = self._resume_dir()
-        if self.reshard:
-            client_state = saved_client_state(checkpoint_dir)
-            self.scheduler.load_state_dict(client_state["lr_scheduler"])
-            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
-            if self.rank == 0:
-                print(f"[moelora-ds] WARNING: {checkpoint_dir} was written by a different number of ranks: adapters "
-                      f"restored exactly, optimizer state (Adam moments) RESET to zero (train.resume_reshard)",
-                      flush=True)
+        if self.universal:
+            client_state = self._load_universal(checkpoint_dir)
         else:
             client_state = ckpt.load_checkpoint(self.engine, *self.resume_point)
         self.step = client_state["step"]
@@ -161,6 +156,27 @@ class Trainer:
             client_state["data"], saved_units_per_batch(ckpt.read_run_info(checkpoint_dir)), units))
         if self.rank == 0:
             print(f"[moelora-ds] resumed from {checkpoint_dir} at step {self.step}")
+
+    def _load_universal(self, checkpoint_dir: Path) -> dict:
+        """Load a checkpoint written by another number of ranks via a universal conversion (reshard.py)."""
+        failure = ""
+        if self.rank == 0:
+            print(f"[moelora-ds] {checkpoint_dir} was written by {ckpt.read_run_info(checkpoint_dir)['world_size']} "
+                  f"ranks: converting it to a universal checkpoint for {self.world_size}", flush=True)
+            try:
+                convert_to_universal(checkpoint_dir, self.checkpoint_root)
+            except (OSError, RuntimeError) as error:
+                failure = str(error)
+        if self._all_sum([float(bool(failure))])[0]:
+            raise RuntimeError(failure or "rank 0 could not convert the checkpoint to a universal one")
+        scratch = self.checkpoint_root / UNIVERSAL_SCRATCH
+        client_state = ckpt.load_checkpoint(self.engine, scratch, checkpoint_dir.name, rng_dir=checkpoint_dir)
+        repair_universal_load(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer),
+                              scratch / checkpoint_dir.name)
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return client_state
 
     def save(self) -> Path:
         client_state = {"step": self.step, "data": self.batches.state_dict()}

@@ -1,29 +1,30 @@
-"""Resuming a checkpoint with a different number of ranks.
+"""Resuming a checkpoint with a different number of ranks, through DeepSpeed's universal checkpoint format.
 
 ZeRO stages 1-3 spread the fp32 master weights and the optimizer moments over the ranks that wrote
-them, and DeepSpeed does not re-shard them into another world size. With `train.resume_reshard=true`
-a run resumes anyway, exactly where the data and the schedule were, with:
-- the adapters exactly as saved: their fp32 weights are reassembled from all partitions
-  (checkpoint_adapters.read_trained_adapters, any stage and world size) and copied into the model
-  *before* `deepspeed.initialize`, so DeepSpeed builds its new partitions and fp32 masters from them;
-- the learning-rate schedule, step and data position of the checkpoint (the data position converted
-  to the new ranks; the global batch, micro_batch_size x grad_accum x ranks, must stay the same);
-- fresh optimizer state: Adam's moments (SGD's momentum) restart from zero, which a loud warning says.
-Without the key such a resume is refused with a ConfigError that names the way out. A stage-0
-checkpoint holds whole weights and optimizer state and resumes with any number of ranks as it is;
-only its data position is converted.
+them. When a run resumes with another number of ranks, rank 0 converts the checkpoint once with
+DeepSpeed's `ds_to_universal` (per-parameter fp32 weights and Adam moments, no partitioning) into a
+scratch directory under the new run's checkpoints, every rank loads it with `checkpoint.load_universal`
+set in the DeepSpeed config (adapters, optimizer moments, LR schedule, step), and the scratch directory
+is removed. Nothing is lost: the continuation equals an uninterrupted run's up to summation order.
+The global batch (micro_batch_size x grad_accum x ranks) must stay the same, so that the data position
+(converted to the new ranks) and the schedule mean what they meant; otherwise the resume is refused
+with a ConfigError before the model is loaded. A stage-0 checkpoint holds whole weights and optimizer
+state and loads with any number of ranks directly; only its data position is converted. Dropout draws
+continue from the checkpoint's rank-0 random state on rank 0 and from the seed elsewhere.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .checkpoint_adapters import read_trained_adapters
 from .config import ConfigError, RunConfig
-from .inject import adapter_parameters
+
+UNIVERSAL_SCRATCH = ".universal"
+"""Directory under the run's checkpoints/ where a converted checkpoint lives while it is loaded."""
 
 
 def saved_units_per_batch(info: dict) -> int:
@@ -31,49 +32,55 @@ def saved_units_per_batch(info: dict) -> int:
     return int(info["config"]["train"]["micro_batch_size"]) * int(info["world_size"])
 
 
-def needs_reshard(info: dict, config: RunConfig, world_size: int, checkpoint_dir: Path) -> bool:
-    """Whether resuming `checkpoint_dir` (run info `info`) with `world_size` ranks must re-shard; refuse if not allowed."""
-    saved_world, stage = int(info["world_size"]), int(info.get("zero_stage", 0))
+def needs_universal(info: dict, config: RunConfig, world_size: int, checkpoint_dir: Path) -> bool:
+    """Whether resuming `checkpoint_dir` (run info `info`) on `world_size` ranks goes through a universal checkpoint.
+
+    Raises ConfigError when the world size changes and the global batch does not stay the same.
+    """
+    saved_world = int(info["world_size"])
     if saved_world == world_size:
         return False
     saved_train = info["config"]["train"]
     saved_batch = saved_train["micro_batch_size"] * saved_train["grad_accum"] * saved_world
     batch = config.train.micro_batch_size * config.train.grad_accum * world_size
     if batch != saved_batch:
-        raise ConfigError(f"{config.source}: train: resuming {checkpoint_dir} (global batch {saved_batch} on "
-                          f"{saved_world} ranks) with {world_size} ranks needs the same global batch, but "
-                          f"micro_batch_size x grad_accum x ranks = {batch}; adjust train.grad_accum")
-    if stage == 0:
-        return False
-    if not config.train.resume_reshard:
-        raise ConfigError(f"{config.source}: train.resume_reshard: {checkpoint_dir} was written by {saved_world} "
-                          f"ranks under ZeRO stage {stage} and is resumed with {world_size}: ZeRO optimizer "
-                          f"partitions do not re-shard. Resume with {saved_world} ranks, or set "
-                          f"train.resume_reshard=true to keep the adapters exactly and restart the optimizer "
-                          f"state (Adam moments) from zero")
-    return True
+        raise ConfigError(f"{config.source}: train.grad_accum: resuming {checkpoint_dir} (global batch {saved_batch} "
+                          f"on {saved_world} ranks) with {world_size} ranks needs the same global batch, but "
+                          f"micro_batch_size x grad_accum x ranks = {batch}")
+    return int(info.get("zero_stage", 0)) > 0
 
 
-def load_adapters(model: nn.Module, checkpoint_dir: Path) -> None:
-    """Copy a checkpoint's fp32 adapters into an injected model that DeepSpeed has not initialised yet."""
-    saved = read_trained_adapters(checkpoint_dir).adapters
-    params = adapter_parameters(model)
-    if set(saved) != set(params):
-        raise ConfigError(f"{checkpoint_dir}: its adapters do not fit this run's model and moelora section "
-                          f"(missing {sorted(set(params) - set(saved))[:3]}, unexpected "
-                          f"{sorted(set(saved) - set(params))[:3]})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name].to(param.dtype))
+def convert_to_universal(checkpoint_dir: Path, scratch_root: Path) -> Path:
+    """Convert a ZeRO checkpoint with DeepSpeed's ds_to_universal; returns the converted tag directory."""
+    out = scratch_root / UNIVERSAL_SCRATCH / checkpoint_dir.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                             str(checkpoint_dir), "--output_folder", str(out), "--num_extract_workers", "1",
+                             "--num_merge_workers", "1"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal could not convert {checkpoint_dir} for a resume on another number of "
+                           f"ranks:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return out
 
 
-def saved_client_state(checkpoint_dir: Path) -> dict:
-    """The step, data position and LR-scheduler state DeepSpeed stored in the checkpoint's rank-0 model file."""
-    files = sorted(checkpoint_dir.glob("*mp_rank_00_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed model-state file (*mp_rank_00_model_states.pt)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {"step": state["step"], "data": state["data"], "lr_scheduler": state["lr_scheduler"]}
+def repair_universal_load(optimizer: torch.optim.Optimizer, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed's (0.19) universal load, which would bend the first updates after the resume.
+
+    It gives every parameter group one shared `step` tensor (so each optimizer step advances it once per
+    group: Adam's bias correction goes wrong) and copies group 0's hyper-parameters (lr, name, ...) onto
+    every group (the routers' router_lr is lost). Each group gets its own step and its saved settings back.
+    `optimizer` is the torch optimizer inside DeepSpeed's wrapper.
+    """
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise RuntimeError(f"{universal_dir}: {len(saved_groups)} saved optimizer parameter groups, "
+                           f"{len(optimizer.param_groups)} in this run")
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def convert_data_position(position: dict, saved_units: int, units: int) -> dict:
