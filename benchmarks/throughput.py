@@ -294,7 +294,10 @@ def report(args, runs: list[Run], shape: ModelShape, run_config, peak: float, lo
         "",
         f"Command: `{command_line()}`",
         "",
-        *machine_lines(["deepspeed", "peft", "transformers"], load_before),
+        *machine_lines(["deepspeed", "peft", "transformers"], load_before)[:3],
+        f"- load average (1/5/15 min) before: {'/'.join(f'{v:.2f}' for v in load_before)}, after: "
+        f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())} (other jobs on these cores lower every number here, "
+        f"the matmul peak included)",
         f"- runs: `deepspeed --num_gpus W` of launcher/train.py (`moelora`: {args.config.name}, MoE-LoRA "
         f"{run_config.moelora.num_experts}x r{run_config.moelora.rank} top-{run_config.moelora.top_k}, "
         f"{run_config.optimizer.name}, gate_rescale {run_config.moelora.gate_rescale}) and of "
@@ -309,6 +312,8 @@ def report(args, runs: list[Run], shape: ModelShape, run_config, peak: float, lo
         f"2*N + 8*L*S*d; adapters 3x their forward (MoE-LoRA: router and all experts, dense); utilisation = "
         f"model FLOP/s / bf16 matmul peak {peak / 1e9:.1f} GFLOP/s ({args.peak_size}^3 torch.matmul on "
         f"{os.cpu_count()} threads, measured by this script)",
+        f"- memory-only runs (`moelora-wW-zS`): {args.memory_steps} steps; their tokens/s is the median after the "
+        f"first {args.skip_steps} steps or, with fewer, the last step's (warm-up included: not comparable)",
         "- peak MiB per rank: VmHWM (peak resident set) of each rank's process at exit (benchmarks/peak_memory.py)",
         "",
         markdown_table(header, rows),
