@@ -1,4 +1,4 @@
-"""Baseline trainers for benchmarks/throughput.py: launcher/train.py's model, data, ZeRO config and loop, other adapters.
+"""Baseline trainers for benchmarks/throughput.py: the launcher's model, data, ZeRO config and loop; other adapters.
 
     deepspeed --num_gpus 2 benchmarks/peft_lora_train.py --mode peft   --config CFG [--section.key=value ...]
     deepspeed --num_gpus 2 benchmarks/peft_lora_train.py --mode frozen --config CFG [--section.key=value ...]

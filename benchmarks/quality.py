@@ -272,7 +272,8 @@ def write_report(args, config_path: Path) -> None:
         "",
         *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],
         f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
-        f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on {', '.join(m.target_modules)}, "
+        f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on "
+        f"{', '.join(m.target_modules)}, "
         f"{run_config.scheduler.name} schedule), {args.num_ranks} ranks, ZeRO from {run_config.deepspeed}; "
         f"{sample['steps']} steps, micro-batch {args.micro_batch_size or run_config.train.micro_batch_size} per rank; "
         f"seeds {seeds}; same data order, adapter initialisation and steps in every cell",
@@ -379,6 +380,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.background:
             background(argv, args.out_dir)
             return
+        from moelora_ds.config import load_config
+
+        train_path = Path(load_config(config).data.train_path)
+        if not (train_path if train_path.is_absolute() else REPO_ROOT / train_path).exists():
+            raise SystemExit(f"{train_path} not found; build the WordNet quiz first: "
+                             f"python -m moelora_ds.wordnet --out data/wordnet --seed 0")
         rates = {opt: args.rates or getattr(args, f"{opt}_rates") for opt in OPTIMIZERS}
         base = [f"--train.max_steps={args.steps}", "--train.save_every=0", "--train.eval_every=0",
                 "--train.resume=never", "--train.nonfinite=skip", *extra]

@@ -78,7 +78,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     quality = _bench_module("quality")
     cells = quality.cells_of(["sgd", "adamw"], list(quality.METHODS), {"sgd": [0.01, 0.1], "adamw": [1e-4, 1e-3]}, [1])
     assert len(cells) == 12 and len({c.name for c in cells}) == 12
-    plain, sqrt = (next(c for c in cells if c.optimizer == "sgd" and c.method == m) for m in ("plain", "riemannian+sqrt"))
+    plain, sqrt = (next(c for c in cells if c.optimizer == "sgd" and c.method == m)
+                   for m in ("plain", "riemannian+sqrt"))
     assert "--optimizer.name=sgd" in plain.overrides() and "--moelora.gate_rescale=none" in plain.overrides()
     assert "--optimizer.name=riemannian_sgd" in sqrt.overrides() and "--moelora.gate_rescale=sqrt" in sqrt.overrides()
     out = tmp_path / "cells"
