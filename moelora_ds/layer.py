@@ -132,11 +132,14 @@ class MoELoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
-        """Every A_e drawn independently (Kaiming-uniform as in LoRA), B = 0, router as nn.Linear."""
+        """Every A_e drawn independently (Kaiming-uniform as in LoRA), B = 0, router as nn.Linear.
+
+        Drawn in fp32 and then cast, so a seed gives the same adapters in every dtype (bf16 consumes the
+        random stream differently)."""
         bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_A.uniform_(-bound, bound)
+        for param in (self.lora_A, self.router.weight):
+            param.copy_(torch.empty(param.shape, device=param.device, dtype=torch.float32).uniform_(-bound, bound))
         self.lora_B.zero_()
-        self.router.weight.uniform_(-bound, bound)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters, by their name relative to this layer."""

@@ -34,7 +34,7 @@ def values_for(hint) -> st.SearchStrategy:
     if hint is bool:
         return st.booleans()
     if hint is int:
-        return st.integers(min_value=-3, max_value=10_000)
+        return st.one_of(st.integers(min_value=-3, max_value=3), st.integers(min_value=-3, max_value=10_000))
     if hint is float:
         return numbers
     if hint is str:
