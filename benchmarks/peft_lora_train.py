@@ -139,9 +139,10 @@ def main(argv=None) -> int:
     if metrics is not None:
         metrics.close()
     dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moelora_ds.launch import end_rank_process
+
+    end_rank_process(main())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelora_ds.cli import train_main  # noqa: E402
+from moelora_ds.cli import train_command  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_command()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .config import ConfigError, load_config
+from .launch import end_rank_process
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -131,3 +133,13 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         dist.destroy_process_group()
+
+
+def train_command() -> NoReturn:
+    """`moelora-train` and launcher/train.py: run on this rank, then end the process (see end_rank_process)."""
+    end_rank_process(train_main())
+
+
+def eval_command() -> NoReturn:
+    """`moelora-eval` and launcher/eval.py."""
+    end_rank_process(eval_main())

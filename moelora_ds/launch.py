@@ -17,7 +17,7 @@ import subprocess
 import sys
 from itertools import product
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NoReturn, Optional, Sequence
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What torch.distributed's env:// rendezvous needs (the deepspeed launcher and torchrun set all of them)."""
@@ -296,6 +296,23 @@ def release_shm_comm_buffer() -> None:
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()
     path.unlink(missing_ok=True)
+
+
+def end_rank_process(code: int) -> NoReturn:
+    """Leave the process group and exit with `code`, skipping the interpreter's teardown.
+
+    DeepSpeed keeps references to its Gloo process groups after destroy_process_group, so their worker
+    threads are still running when the interpreter finalizes; destroying them then aborts the process
+    now and then ("terminate called without an active exception", exit 250 from the launcher) after a
+    run that succeeded. Everything of the run is already written and flushed when this is called.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def share_cpu_threads() -> None:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from moelora_ds.launch import init_distributed  # noqa: E402
+from moelora_ds.launch import end_rank_process, init_distributed  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 
@@ -34,4 +34,4 @@ if __name__ == "__main__":
               "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR",
                                                      "MASTER_PORT")}}
     print("PROBE " + json.dumps(report), flush=True)
-    dist.destroy_process_group()
+    end_rank_process(0)

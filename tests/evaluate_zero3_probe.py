@@ -18,6 +18,7 @@ from conftest import build_tiny_model, build_tokenizer, multiple_choice_records 
 
 from moelora_ds.data import tokenize_records  # noqa: E402
 from moelora_ds.evaluate import eval_batches, evaluate_loss, multiple_choice_accuracy  # noqa: E402
+from moelora_ds.launch import end_rank_process  # noqa: E402
 
 RECORDS, SEED, MICRO_BATCH = 11, 4, 2
 DS_CONFIG = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_allow_untested_optimizer": True,
@@ -42,4 +43,4 @@ if __name__ == "__main__":
                                   world_size=world_size)}
     report["forward_calls"] = len(calls)
     (Path(sys.argv[-1]) / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    end_rank_process(0)

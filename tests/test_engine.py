@@ -156,7 +156,7 @@ def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_
         "from moelora_ds.config import load_config\n"
         "from moelora_ds.ds_config import build_deepspeed_config\n"
         "from moelora_ds.engine import build_model\n"
-        "from moelora_ds.launch import init_distributed\n"
+        "from moelora_ds.launch import end_rank_process, init_distributed\n"
         "from pathlib import Path\n"
         "rank, world = init_distributed()\n"
         "cfg = load_config(sys.argv[-1])\n"
@@ -165,7 +165,7 @@ def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_
         "frozen = {n: (p.numel(), list(getattr(p, 'ds_shape', []))) for n, p in model.named_parameters() if not p.requires_grad}\n"
         "trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)\n"
         "print('RESULT', json.dumps({'rank': rank, 'frozen': frozen, 'trainable': trainable}), flush=True)\n"
-        "dist.destroy_process_group()\n")
+        "end_rank_process(0)\n")
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(probe),
@@ -217,7 +217,7 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
         "from moelora_ds.ds_config import build_deepspeed_config\n"
         "from moelora_ds.engine import build_model\n"
         "from moelora_ds.inject import moelora_layers\n"
-        "from moelora_ds.launch import init_distributed\n"
+        "from moelora_ds.launch import end_rank_process, init_distributed\n"
         "from moelora_ds.optim_factory import build_optimizer\n"
         "from pathlib import Path\n"
         "rank, world = init_distributed()\n"
@@ -237,7 +237,7 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
         "with deepspeed.zero.GatheredParameters([layer.lora_B]):\n"
         "    norms = layer.lora_B.detach().flatten(1).norm(dim=1).tolist()\n"
         "print('RESULT', json.dumps({'rank': rank, 'norms': norms}), flush=True)\n"
-        "dist.destroy_process_group()\n")
+        "end_rank_process(0)\n")
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", train={"grad_accum": 1},
                         optimizer={"name": "riemannian_adamw", "lr": 1e-2, "router_lr": 0.0})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
