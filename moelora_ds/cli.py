@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .config import ConfigError, load_config
-from .launch import end_rank_process
+from .launch import end_rank_process, say
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
         preflight(config)
     except ConfigError as error:
-        print(f"moelora-train: configuration error: {error}", file=sys.stderr)
+        say(f"moelora-train: configuration error: {error}", sys.stderr)
         return 2
     from .data import DataError
     from .engine import train
@@ -39,13 +39,13 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         return train(config)
     except ConfigError as error:
-        print(f"moelora-train: configuration error: {error}", file=sys.stderr)
+        say(f"moelora-train: configuration error: {error}", sys.stderr)
         return 2
     except DataError as error:
-        print(f"moelora-train: data error: {error}", file=sys.stderr)
+        say(f"moelora-train: data error: {error}", sys.stderr)
         return 2
     except NonFiniteError as error:
-        print(f"moelora-train: stopped: {error}", file=sys.stderr)
+        say(f"moelora-train: stopped: {error}", sys.stderr)
         return 3
 
 
@@ -73,7 +73,7 @@ def export_main(argv: list[str] | None = None) -> int:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out), mode=args.mode, tag=args.tag,
                                 max_shard_size=args.max_shard_size)
     except (CheckpointError, ExportError, OSError) as error:
-        print(f"moelora-export: error: {error}", file=sys.stderr)
+        say(f"moelora-export: error: {error}", sys.stderr)
         return 2
     print(f"moelora-export: wrote {out}")
     return 0
@@ -100,10 +100,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
     except ConfigError as error:
-        print(f"moelora-eval: configuration error: {error}", file=sys.stderr)
+        say(f"moelora-eval: configuration error: {error}", sys.stderr)
         return 2
     if not config.data.eval_path:
-        print("moelora-eval: configuration error: data.eval_path is not set", file=sys.stderr)
+        say("moelora-eval: configuration error: data.eval_path is not set", sys.stderr)
         return 2
     import json
     import os
@@ -129,7 +129,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                 Path(args.json_out).write_text(json.dumps({"model": what, **result}, indent=2))
         return 0
     except (CheckpointError, OSError, ValueError) as error:
-        print(f"moelora-eval: error: {error}", file=sys.stderr)
+        say(f"moelora-eval: error: {error}", sys.stderr)
         return 2
     finally:
         dist.destroy_process_group()

@@ -266,11 +266,11 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
         if launcher != "env":
             node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
             master = "via MPI" if discover else f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-            print(f"[moelora-ds] rank {rendezvous.get('RANK', '?')}/{rendezvous.get('WORLD_SIZE', '?')} "
-                  f"(local {rendezvous.get('LOCAL_RANK', '?')}) on {node} via {launcher}, master {master}", flush=True)
+            say(f"[moelora-ds] rank {rendezvous.get('RANK', '?')}/{rendezvous.get('WORLD_SIZE', '?')} "
+                f"(local {rendezvous.get('LOCAL_RANK', '?')}) on {node} via {launcher}, master {master}")
             if launcher == "single" and os.environ.get("SLURM_NTASKS", "1") != "1":
-                print(f"[moelora-ds] warning: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process "
-                      f"was not started by srun; start one rank per task with `srun python ...`", flush=True)
+                say(f"[moelora-ds] warning: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process "
+                    f"was not started by srun; start one rank per task with `srun python ...`")
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=discover, distributed_port=int(rendezvous["MASTER_PORT"]),
@@ -296,6 +296,14 @@ def release_shm_comm_buffer() -> None:
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()
     path.unlink(missing_ok=True)
+
+
+def say(message: str, stream=None) -> None:
+    """Write `message` as one line in a single write (stdout by default), so that the lines of ranks
+    sharing a pipe never interleave: print() writes the text and the newline separately."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(message + "\n")
+    stream.flush()
 
 
 def end_rank_process(code: int) -> NoReturn:

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from moelora_ds.launch import end_rank_process, init_distributed  # noqa: E402
+from moelora_ds.launch import end_rank_process, init_distributed, say  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 
@@ -33,5 +33,5 @@ if __name__ == "__main__":
               "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
               "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR",
                                                      "MASTER_PORT")}}
-    print("PROBE " + json.dumps(report), flush=True)
+    say("PROBE " + json.dumps(report))
     end_rank_process(0)

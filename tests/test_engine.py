@@ -147,33 +147,42 @@ def test_stages_match_single_process_reference(optimizer_case, ds_config, tmp_pa
     assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B"))
 
 
-@pytest.mark.distributed
-def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+PROBE_PRELUDE = (
+    "import sys, json, torch, deepspeed, torch.distributed as dist\n"
+    "from pathlib import Path\n"
+    "sys.path.insert(0, {repo!r})\n"
+    "from moelora_ds.config import load_config\n"
+    "from moelora_ds.ds_config import build_deepspeed_config\n"
+    "from moelora_ds.engine import build_model\n"
+    "from moelora_ds.inject import moelora_layers\n"
+    "from moelora_ds.launch import end_rank_process, init_distributed, say\n"
+    "from moelora_ds.optim_factory import build_optimizer\n"
+    "rank, world = init_distributed()\n"
+    "cfg = load_config(sys.argv[-1])\n"
+    "ds = build_deepspeed_config(cfg, world)\n"
+    "model = build_model(cfg, ds, Path(cfg.model.name_or_path))\n")
+
+
+def run_probe(body: str, config: dict, tmp_path: Path, env: dict) -> list[dict]:
+    """Run PROBE_PRELUDE + `body` on 2 ranks under the deepspeed launcher; `body` says `RESULT <json>` per rank."""
     probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import sys, json, torch.distributed as dist\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from moelora_ds.config import load_config\n"
-        "from moelora_ds.ds_config import build_deepspeed_config\n"
-        "from moelora_ds.engine import build_model\n"
-        "from moelora_ds.launch import end_rank_process, init_distributed\n"
-        "from pathlib import Path\n"
-        "rank, world = init_distributed()\n"
-        "cfg = load_config(sys.argv[-1])\n"
-        "ds = build_deepspeed_config(cfg, world)\n"
-        "model = build_model(cfg, ds, Path(cfg.model.name_or_path))\n"
-        "frozen = {n: (p.numel(), list(getattr(p, 'ds_shape', []))) for n, p in model.named_parameters() if not p.requires_grad}\n"
-        "trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)\n"
-        "print('RESULT', json.dumps({'rank': rank, 'frozen': frozen, 'trainable': trainable}), flush=True)\n"
-        "end_rank_process(0)\n")
-    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out")
+    probe.write_text(PROBE_PRELUDE.format(repo=str(REPO)) + body + "end_rank_process(0)\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(probe),
-                             str(tmp_path / "config.yaml")], env=subprocess_env, capture_output=True, text=True,
-                            timeout=300)
+                             str(tmp_path / "config.yaml")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
-    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-3000:]
+    return reports
+
+
+@pytest.mark.distributed
+def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+    reports = run_probe(
+        "frozen = {n: (p.numel(), list(getattr(p, 'ds_shape', []))) for n, p in model.named_parameters() if not p.requires_grad}\n"
+        "trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)\n"
+        "say('RESULT ' + json.dumps({'rank': rank, 'frozen': frozen, 'trainable': trainable}))\n",
+        run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out"), tmp_path, subprocess_env)
     for report in reports:
         assert report["frozen"], "no frozen parameters reported"
         for name, (numel, ds_shape) in report["frozen"].items():
@@ -209,44 +218,22 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
     """Zeroed, frozen (router_lr=0) routers tie every logit, so top-2 of 4 picks the same two experts for every
     token and the other two get no tokens on any rank. Stacked experts still touch every parameter, so ZeRO-3's
     gradient reduce cannot wait forever, and the idle experts' B stays exactly zero."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import sys, json, torch, deepspeed, torch.distributed as dist\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "from moelora_ds.config import load_config\n"
-        "from moelora_ds.ds_config import build_deepspeed_config\n"
-        "from moelora_ds.engine import build_model\n"
-        "from moelora_ds.inject import moelora_layers\n"
-        "from moelora_ds.launch import end_rank_process, init_distributed\n"
-        "from moelora_ds.optim_factory import build_optimizer\n"
-        "from pathlib import Path\n"
-        "rank, world = init_distributed()\n"
-        "cfg = load_config(sys.argv[-1])\n"
-        "ds = build_deepspeed_config(cfg, world)\n"
-        "model = build_model(cfg, ds, Path(cfg.model.name_or_path))\n"
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", train={"grad_accum": 1},
+                        optimizer={"name": "riemannian_adamw", "lr": 1e-2, "router_lr": 0.0})
+    reports = run_probe(
         "for _, layer in moelora_layers(model):\n"
         "    layer.router.weight.data.zero_()\n"
         "engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optimizer, offload=False), config=ds)\n"
         "torch.manual_seed(rank)\n"
         "for _ in range(3):\n"
         "    ids = torch.randint(0, 300, (2, 12))\n"
-        "    loss = engine(input_ids=ids, labels=ids).loss\n"
-        "    engine.backward(loss)\n"
+        "    engine.backward(engine(input_ids=ids, labels=ids).loss)\n"
         "    engine.step()\n"
         "layer = next(moelora_layers(engine.module))[1]\n"
         "with deepspeed.zero.GatheredParameters([layer.lora_B]):\n"
         "    norms = layer.lora_B.detach().flatten(1).norm(dim=1).tolist()\n"
-        "print('RESULT', json.dumps({'rank': rank, 'norms': norms}), flush=True)\n"
-        "end_rank_process(0)\n")
-    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", train={"grad_accum": 1},
-                        optimizer={"name": "riemannian_adamw", "lr": 1e-2, "router_lr": 0.0})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(probe),
-                             str(tmp_path / "config.yaml")], env=subprocess_env, capture_output=True, text=True,
-                            timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
-    assert sorted(r["rank"] for r in reports) == [0, 1]
+        "say('RESULT ' + json.dumps({'rank': rank, 'norms': norms}))\n",
+        config, tmp_path, subprocess_env)
     assert reports[0]["norms"] == reports[1]["norms"]
     assert sorted(n > 0 for n in reports[0]["norms"]) == [False, False, True, True], reports[0]
 

@@ -131,7 +131,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from moelora_ds.config import load_config
 from moelora_ds.engine import Trainer
-from moelora_ds.launch import end_rank_process
+from moelora_ds.launch import end_rank_process, say
 from moelora_ds.nonfinite import NonFiniteError
 trainer = Trainer(load_config(sys.argv[-1]))
 if trainer.rank == 1:  # one rank's share of one adapter goes bad, as a silent overflow would leave it
@@ -140,8 +140,7 @@ if trainer.rank == 1:  # one rank's share of one adapter goes bad, as a silent o
 try:
     trainer.save()
 except NonFiniteError as error:
-    sys.stdout.write(f"REFUSED rank {{trainer.rank}}: {{error}}\\n")  # one write: ranks share the pipe
-    sys.stdout.flush()
+    say(f"REFUSED rank {{trainer.rank}}: {{error}}")
 end_rank_process(0)
 """
 
