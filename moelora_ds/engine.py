@@ -28,6 +28,7 @@ from .data import DataError, ShardedBatches, load_records, tokenize_records
 from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .evaluate import evaluate_run
 from .inject import inject_moelora, router_aux_loss
+from .lm_loss import causal_lm_loss
 from .launch import init_distributed
 from .metrics import MetricsLogger
 from .model_loading import load_base_model, load_tokenizer, local_model_dir
@@ -200,7 +201,7 @@ class Trainer:
         for micro in range(micro_batches):
             batch = {k: v.to(self.device) for k, v in next(batch_iter).items()}
             tokens += int(batch["attention_mask"].sum())
-            loss = self.engine(**batch).loss
+            loss = causal_lm_loss(self.engine, batch)
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .collate import IGNORE_INDEX, pad_batch
 from .data import load_records, tokenize_records
+from .lm_loss import logits_at, supervised_logits_and_targets
 from .tokenization import render_chat
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -89,11 +90,9 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     with _EvalMode(model):
         for batch in batches:
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-            logits = model(**inputs).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:].to(device)
-            loss_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                              ignore_index=IGNORE_INDEX, reduction="sum"))
-            tokens += int((labels != IGNORE_INDEX).sum())
+            logits, targets = supervised_logits_and_targets(model, inputs, batch["labels"].to(device))
+            loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            tokens += int((targets != IGNORE_INDEX).sum())
     loss_sum, tokens = _all_sum([loss_sum, float(tokens)], device, world_size)
     return loss_sum / tokens if tokens else float("nan")
 
@@ -168,9 +167,11 @@ def _predict(model: torch.nn.Module, tokenizer, prompts: list[str], token_ids: l
              device: torch.device) -> list[int]:
     encoded = [{"input_ids": ids, "labels": ids} for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     batch = pad_batch(encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
     last = batch["attention_mask"].sum(dim=1).to(device) - 1
-    scores = logits[torch.arange(len(prompts), device=device), last][:, token_ids]
+    positions = last.unique()
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    logits = logits_at(model, inputs, positions)
+    scores = logits[torch.arange(len(prompts), device=device), torch.searchsorted(positions, last)][:, token_ids]
     return scores.argmax(dim=-1).tolist()
 
 
