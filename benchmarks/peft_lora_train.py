@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     from moelora_ds.ds_config import build_deepspeed_config
     from moelora_ds.engine import seed_everything
     from moelora_ds.launch import init_distributed
+    from moelora_ds.lm_loss import causal_lm_loss
     from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
     from moelora_ds.optim_factory import scheduler_factory
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         for _ in range(train.grad_accum):
             batch = {k: v.to(device) for k, v in next(batch_iter).items()}
             tokens += int(batch["attention_mask"].sum())
-            loss = engine(**batch).loss
+            loss = causal_lm_loss(engine, batch)
             losses.append(float(loss.detach()))
             engine.backward(loss)
             engine.step()

@@ -13,7 +13,8 @@ of every nn.Linear, lm_head included) + attention 4*L*S*d (S: mean non-padding t
 input-gradient backward the same matmuls again (attention twice); adapters 3x their forward (forward,
 input gradient, weight gradient; MoE-LoRA computes all E experts and the router densely). Utilisation:
 achieved model FLOP/s over the machine's bf16 matmul peak, measured here with a torch.matmul loop on all
-cores.
+cores. All three runs compute the loss the same way (moelora_ds.lm_loss: the output head only at positions
+that predict a labelled token), so the lm_head FLOPs counted at every token overstate the work actually done.
 
 Run:  python benchmarks/throughput.py               (writes the `throughput` section of benchmarks/RESULTS.md)
       python benchmarks/throughput.py --smoke       (tiny model, 3 steps, writes nothing unless asked)
