@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from statistics import mean
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import BENCH_DIR, REPO_ROOT, command_line, machine_lines, markdown_table, update_results  # noqa: E402
+from bench_utils import (BENCH_DIR, REPO_ROOT, command_line, free_port, launch_env, machine_lines,  # noqa: E402
+                         markdown_table, update_results)
 
 DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
@@ -78,21 +78,6 @@ class Cell:
 def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds) -> list[Cell]:
     return [Cell(opt, method, lr, seed) for opt in optimizers for lr in rates[opt] for method in methods
             for seed in seeds]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def _pid_alive(pid: int) -> bool:

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import BENCH_DIR, REPO_ROOT, command_line, machine_lines, markdown_table, update_results  # noqa: E402
+from bench_utils import (BENCH_DIR, REPO_ROOT, command_line, free_port, launch_env, machine_lines,  # noqa: E402
+                         markdown_table, update_results)
 
 DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
@@ -67,21 +67,6 @@ class Run:
     @property
     def peak_mib(self) -> list[float]:
         return [m["vmhwm_kib"] / 1024 for m in sorted(self.memory, key=lambda m: m["rank"])]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def run_training(run: Run, config: Path, overrides: list[str], root: Path, skip_steps: int,
