@@ -312,10 +312,12 @@ def end_rank_process(code: int) -> NoReturn:
     DeepSpeed keeps references to its Gloo process groups after destroy_process_group, so their worker
     threads are still running when the interpreter finalizes; destroying them then aborts the process
     now and then ("terminate called without an active exception", exit 250 from the launcher) after a
-    run that succeeded. Everything of the run is already written and flushed when this is called. MPI
-    (loaded when the ranks discovered each other through mpi4py) is finalized, or mpirun reports the
-    exit as abnormal.
+    run that succeeded. Python's atexit handlers still run (a profiler's or a logger's); only the
+    interpreter's finalization is skipped. MPI (loaded when the ranks discovered each other through
+    mpi4py) is finalized, or mpirun reports the exit as abnormal.
     """
+    import atexit
+
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -323,6 +325,7 @@ def end_rank_process(code: int) -> NoReturn:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

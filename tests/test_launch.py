@@ -200,3 +200,19 @@ def test_train_sbatch_requeues_on_the_engines_exit_status():
 
     script = (REPO / "slurm" / "train.sbatch").read_text()
     assert f"\nEXIT_CHECKPOINTED_ON_SIGNAL={EXIT_CHECKPOINTED_ON_SIGNAL} " in script
+
+
+def test_end_rank_process_keeps_the_exit_code_and_runs_atexit_handlers(tmp_path, subprocess_env):
+    """It skips only the interpreter's finalization: atexit work (e.g. benchmarks/peak_memory.py's record) happens."""
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, pathlib, sys\n"
+              f"sys.path.insert(0, {str(REPO)!r})\n"
+              "from moelora_ds.launch import end_rank_process, say\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+              "say('last line')\n"
+              "end_rank_process(7)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "last line\n"
+    assert marker.read_text() == "yes"
