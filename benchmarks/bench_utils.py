@@ -180,8 +180,12 @@ def command_line() -> str:
     return " ".join(["python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
 
 
-def update_results(path: Path, section: str, body: str) -> None:
-    """Replace (or append) the `section` block of the results file, leaving the other sections alone."""
+def update_results(path: Path, section: str, body: str, plot: Path | None = None) -> None:
+    """Replace (or append) the `section` block of the results file, leaving the other sections alone.
+
+    With `plot`, the block ends with a line naming the PNG written next to the results file."""
+    if plot is not None:
+        body = body.rstrip() + f"\n\nPlot: `{plot.name}`"
     begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else RESULTS_TITLE
@@ -194,6 +198,16 @@ def update_results(path: Path, section: str, body: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_figure(fig, title: str, path: Path) -> None:
+    """Title, lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

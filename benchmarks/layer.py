@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (BENCH_DIR, calibrate_inner, command_line, fmt_ms, fmt_ratio, interleaved_times,  # noqa: E402
-                         machine_lines, markdown_table, paired_ratios, quantiles, update_results)
+                         machine_lines, markdown_table, paired_ratios, quantiles, save_figure, update_results)
 
 from moelora_ds.layer import MoELoRALinear  # noqa: E402
 from moelora_ds.moelora_config import MoELoRAConfig  # noqa: E402
@@ -272,9 +272,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "",
             *summary,
         ]
-        if args.plot is not None:
-            body += ["", f"Plot: `{args.plot.name}`"]
-        update_results(args.results, args.section, "\n".join(body))
+        update_results(args.results, args.section, "\n".join(body), plot=args.plot)
         print(f"\nwrote {args.results}")
     if args.plot is not None:
         plot(results, names, args.plot)
@@ -334,10 +332,7 @@ def plot(results, names: list[str], path: Path) -> None:
         ax.set_ylabel("paired CPU-time ratio (median, IQR)\ndashed: targets 1.3 and 3")
         ax.set_xticks(list(positions), labels, fontsize=7)
         ax.legend(fontsize=8)
-    fig.suptitle("Benchmark 1: one MoE-LoRA layer (r=8) vs PEFT LoRA rank E*r, per-expert loop, base linear")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, "Benchmark 1: one MoE-LoRA layer (r=8) vs PEFT LoRA rank E*r, per-expert loop, base linear", path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (BENCH_DIR, command_line, fmt_ms, fmt_ratio, interleaved_times, machine_lines,  # noqa: E402
-                         markdown_table, paired_ratios, quantiles, update_results)
+                         markdown_table, paired_ratios, quantiles, save_figure, update_results)
 
 from moelora_ds.inject import inject_moelora, moelora_layers  # noqa: E402
 from moelora_ds.moelora_config import MoELoRAConfig  # noqa: E402
@@ -186,9 +186,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "",
             *summary,
         ]
-        if args.plot is not None:
-            body += ["", f"Plot: `{args.plot.name}`"]
-        update_results(args.results, "optimizer", "\n".join(body))
+        update_results(args.results, "optimizer", "\n".join(body), plot=args.plot)
         print(f"\nwrote {args.results}")
     if args.plot is not None:
         plot(results, args.plot)
@@ -219,10 +217,7 @@ def plot(results, path: Path) -> None:
     axes[1].set_xticks(range(len(names)), names)
     axes[1].set_ylabel("step-time overhead of preconditioning, % (paired)")
     axes[1].legend()
-    fig.suptitle("Benchmark 2: Riemannian preconditioning vs plain AdamW, SmolLM2-135M, E=4 r=8 top-2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, "Benchmark 2: Riemannian preconditioning vs plain AdamW, SmolLM2-135M, E=4 r=8 top-2", path)
 
 
 if __name__ == "__main__":

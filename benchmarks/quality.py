@@ -38,7 +38,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_utils import (BENCH_DIR, REPO_ROOT, command_line, free_port, launch_env, machine_lines,  # noqa: E402
-                         markdown_table, update_results)
+                         markdown_table, save_figure, update_results)
 
 DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
@@ -224,10 +224,7 @@ def plot(summary: dict, path: Path, chance: float) -> None:
         ax.set_title(opt)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Benchmark 4: final accuracy vs learning rate", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, "Benchmark 4: final accuracy vs learning rate", path)
 
 
 def write_report(args, config_path: Path) -> None:
@@ -275,9 +272,7 @@ def write_report(args, config_path: Path) -> None:
         "",
         *notes,
     ]
-    if args.plot is not None:
-        body += ["", f"Plot: `{args.plot.name}`"]
-    update_results(args.results, args.section, "\n".join(body))
+    update_results(args.results, args.section, "\n".join(body), plot=args.plot)
     print(f"wrote {args.results}")
 
 
