@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     model_dir = local_model_dir(config.model, is_converter=local_rank == 0, barrier=dist.barrier)
     tokenizer = load_tokenizer(model_dir)
     records, fmt = load_records(config.data.train_path, config.data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, config.data.max_length, config.data.overlong)
+    examples, _ = tokenize_records(records, fmt, tokenizer, config.data.max_length, config.data.overlong,
+                                   label_eos=config.data.train_on_eos)
     batches = ShardedBatches(examples, micro_batch_size=train.micro_batch_size, rank=rank, world_size=world_size,
                              seed=train.seed, shuffle=config.data.shuffle, packing=config.data.packing,
                              max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id)

@@ -318,7 +318,8 @@ def mean_tokens_per_sample(run_config) -> float:
     data = run_config.data
     tokenizer = load_tokenizer(local_model_dir(run_config.model))
     records, fmt = load_records(data.train_path, data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, data.max_length, data.overlong)
+    examples, _ = tokenize_records(records, fmt, tokenizer, data.max_length, data.overlong,
+                                   label_eos=data.train_on_eos)
     return sum(len(e["input_ids"]) for e in examples) / max(1, len(examples))
 
 

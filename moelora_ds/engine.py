@@ -112,7 +112,8 @@ class Trainer:
         except (OSError, ValueError) as error:
             raise DataError(f"data.train_path: {error}") from None
         try:
-            examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong)
+            examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong,
+                                               label_eos=data.train_on_eos)
             if not examples:
                 raise ValueError(f"all {len(records)} records were dropped as longer than "
                                  f"data.max_length={data.max_length} (data.overlong={data.overlong})")

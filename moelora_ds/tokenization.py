@@ -6,6 +6,8 @@
 - prompt_completion: tokenizer(prompt) (special tokens such as BOS included) followed by the completion
   and eos; labels on the completion and eos.
 - text: tokenizer(text) followed by eos; labels on every token.
+With `label_eos=False` the end-of-turn / eos token stays in the input but gets label -100, so the loss is
+on the answer's own tokens only (for a one-letter answer, the letter).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ OVERLONG_POLICIES = ("truncate", "drop", "error")
 
 
 def tokenize_records(records: Sequence[dict], format: str, tokenizer, max_length: int,
-                     overlong: str = "truncate") -> tuple[list[dict], dict]:
+                     overlong: str = "truncate", label_eos: bool = True) -> tuple[list[dict], dict]:
     """Tokenize records of one format into examples `{"input_ids": [...], "labels": [...]}`.
 
     `overlong` decides about an example longer than `max_length`: "truncate" keeps its first max_length
     tokens, "drop" skips it, "error" raises ValueError naming the record and its length. A truncated
     example left without any label (its answer was cut off) cannot train anything and is dropped.
+    `label_eos=False` masks the eos / end-of-turn tokens' labels.
     Returns the examples and {"examples", "truncated", "dropped"} counts.
     """
     if overlong not in OVERLONG_POLICIES:
@@ -37,6 +40,12 @@ def tokenize_records(records: Sequence[dict], format: str, tokenizer, max_length
     truncated = dropped = 0
     for index, record in enumerate(records):
         input_ids, labels = encode(record, tokenizer, index)
+        if not label_eos:
+            labels = [IGNORE_INDEX if token == tokenizer.eos_token_id else label
+                      for token, label in zip(input_ids, labels)]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise ValueError(f"record {index} has no answer token besides eos, so with the eos label off "
+                                 f"(data.train_on_eos: false) there is nothing to learn from it")
         if len(input_ids) > max_length:
             if overlong == "error":
                 raise ValueError(f"record {index} is {len(input_ids)} tokens long, more than max_length={max_length} "

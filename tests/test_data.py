@@ -96,6 +96,21 @@ def test_text_end_to_end_from_parquet(tmp_path, tiny_tokenizer):
     assert tiny_tokenizer.decode(examples[1]["input_ids"]) == "a river of stone<|im_end|>"
 
 
+def test_label_eos_off_trains_the_answer_tokens_only(tiny_tokenizer):
+    records = [MULTI_TURN, {"prompt": "Which word means cat?", "completion": "A cat"}, {"text": "a river of stone"}]
+    formats = ["chat", "prompt_completion", "text"]
+    for record, fmt, answer in zip(records, formats, ["A catB dog", "A cat", "a river of stone"]):
+        with_eos = tokenize_records([record], fmt, tiny_tokenizer, 128)[0][0]
+        without = tokenize_records([record], fmt, tiny_tokenizer, 128, label_eos=False)[0][0]
+        assert without["input_ids"] == with_eos["input_ids"]
+        assert labelled_text(tiny_tokenizer, without) == answer
+        assert labelled_text(tiny_tokenizer, with_eos).replace("<|im_end|>", "") == answer
+    letter = tokenize_records(multiple_choice_records(1), "chat", tiny_tokenizer, 128, label_eos=False)[0][0]
+    assert sum(label != IGNORE_INDEX for label in letter["labels"]) == 1
+    with pytest.raises(ValueError, match="record 0 has no answer token besides eos"):
+        tokenize_records([{"prompt": "Q?", "completion": ""}], "prompt_completion", tiny_tokenizer, 64, label_eos=False)
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_save_to_disk_directory_and_json_array(tmp_path, as_dict):
     import datasets

@@ -83,7 +83,8 @@ def reference_run(config: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
     cfg = load_config_from_dict(config)
     tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
     records, fmt = load_records(cfg.data.train_path, cfg.data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, cfg.data.max_length, cfg.data.overlong)
+    examples, _ = tokenize_records(records, fmt, tokenizer, cfg.data.max_length, cfg.data.overlong,
+                                   label_eos=cfg.data.train_on_eos)
     shards = [iter(ShardedBatches(examples, micro_batch_size=cfg.train.micro_batch_size, rank=r, world_size=WORLD_SIZE,
                                   seed=cfg.train.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
                                   max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id))
