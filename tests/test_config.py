@@ -20,10 +20,10 @@ def write(tmp_path, text: str, name: str = "run.yaml"):
 
 def test_file_and_overrides_merge(tmp_path):
     path = write(tmp_path, "moelora:\n  num_experts: 8\n  top_k: 2\noptimizer:\n  lr: 0.001\n")
-    config = load_config(path, ["--optimizer.lr=3e-4", "--optimizer.betas=[0.9,0.95]", "--data.eval_path=null"])
+    config = load_config(path, ["--optimizer.lr=3e-4", "--optimizer.betas=[0.8,0.9]", "--data.eval_path=null"])
     assert config.moelora.num_experts == 8 and config.moelora.top_k == 2
     assert config.optimizer.lr == pytest.approx(3e-4)
-    assert config.optimizer.betas == (0.9, 0.95)
+    assert config.optimizer.betas == (0.8, 0.9)
     assert config.data.eval_path is None
 
 
