@@ -140,7 +140,10 @@ def test_stages_match_single_process_reference(optimizer_case, ds_config, tmp_pa
     launch(config, tmp_path, subprocess_env)
     trained = checkpoint_adapters(tmp_path / "out")
     error = max_relative_error(trained, reference)
-    assert error < 1e-4, f"{name} under {ds_config}: max relative error {error:.2e} on final adapter weights"
+    # Offload steps with DeepSpeedCPUAdam (C++ SIMD fp32), not the reference's torch AdamW: rounding differs
+    # (1.2e-4 measured for riemannian_adamw with betas (0.9, 0.95)); the preconditioner's own effect is ~0.4.
+    tolerance = 3e-4 if ds_config.endswith("offload") else 1e-4
+    assert error < tolerance, f"{name} under {ds_config}: max relative error {error:.2e} on final adapter weights"
     logged = [r["loss"] for r in read_metrics(tmp_path / "out") if "loss" in r]
     assert len(logged) == STEPS
     assert logged == pytest.approx(reference_losses, rel=1e-4)

@@ -9,12 +9,12 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
 
+from moelora_ds.config import DataConfig
 from moelora_ds.data import tokenize_records
 from moelora_ds.evaluate import (choice_token_ids, eval_batches, evaluate_loss, evaluate_run,
                                  multiple_choice_accuracy)
@@ -120,8 +120,8 @@ def test_eval_batches_pad_short_shards_without_adding_tokens():
 
 def test_evaluate_run_on_multiple_choice_and_text(tmp_path, model, tiny_tokenizer):
     records = multiple_choice_records(6)
-    config = SimpleNamespace(eval_path=str(write_jsonl(tmp_path / "mc.jsonl", records)), format="auto",
-                             max_length=64, overlong="truncate", choices=list(LETTERS), eval_max_samples=5)
+    config = DataConfig(eval_path=str(write_jsonl(tmp_path / "mc.jsonl", records)), format="auto",
+                        max_length=64, overlong="truncate", choices=list(LETTERS), eval_max_samples=5)
     result = evaluate_run(model, config, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)
     assert set(result) == {"eval_loss", "accuracy"} and math.isfinite(result["eval_loss"])
     assert result["accuracy"] == multiple_choice_accuracy(model, tiny_tokenizer, records[:5])["accuracy"]
