@@ -318,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sgd-rates", type=float, nargs="+", default=DEFAULT_RATES["sgd"])
     parser.add_argument("--adamw-rates", type=float, nargs="+", default=DEFAULT_RATES["adamw"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--steps", type=int, default=120, help="train.max_steps of every cell")
+    parser.add_argument("--steps", type=int, default=None, help="train.max_steps of every cell (default: config's)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="train.micro_batch_size (default: config's)")
     parser.add_argument("--eval-max-samples", type=int, default=200, help="data.eval_max_samples (0: all)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="scheduler.warmup_steps (default: config's)")
@@ -367,8 +367,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"{train_path} not found; build the WordNet quiz first: "
                              f"python -m moelora_ds.wordnet --out data/wordnet --seed 0")
         rates = {opt: args.rates or getattr(args, f"{opt}_rates") for opt in OPTIMIZERS}
-        base = [f"--train.max_steps={args.steps}", "--train.save_every=0", "--train.eval_every=0",
+        base = ["--train.save_every=0", "--train.eval_every=0",
                 "--train.resume=never", "--train.nonfinite=skip", *extra]
+        if args.steps:
+            base.append(f"--train.max_steps={args.steps}")
         if args.micro_batch_size:
             base.append(f"--train.micro_batch_size={args.micro_batch_size}")
         base.append(f"--data.eval_max_samples={args.eval_max_samples or 'null'}")
