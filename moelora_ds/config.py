@@ -85,7 +85,7 @@ class DataConfig:
     """What to do with samples longer than max_length: cut them, skip them, or stop with an error."""
     train_on_eos: bool = True
     """Also train the eos / end-of-turn token that closes each answer; false puts the loss on the answer's
-    own tokens only (a multiple-choice letter, say), as the quickstart does."""
+    own tokens only (a multiple-choice letter, say); the model then does not learn where to stop."""
     packing: bool = False
     """Pack several samples into one row of max_length."""
     shuffle: bool = True
