@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from moelora_ds.config import load_config
-    from moelora_ds.data import ShardedBatches, load_records, tokenize_records
+    from moelora_ds.data import ShardedBatches, load_records, tokenize_as_configured
     from moelora_ds.ds_config import build_deepspeed_config
     from moelora_ds.engine import seed_everything
     from moelora_ds.launch import init_distributed
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
     model_dir = local_model_dir(config.model, is_converter=local_rank == 0, barrier=dist.barrier)
     tokenizer = load_tokenizer(model_dir)
     records, fmt = load_records(config.data.train_path, config.data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, config.data.max_length, config.data.overlong,
-                                   label_eos=config.data.train_on_eos)
+    examples, _ = tokenize_as_configured(records, fmt, tokenizer, config.data)
     batches = ShardedBatches(examples, micro_batch_size=train.micro_batch_size, rank=rank, world_size=world_size,
                              seed=train.seed, shuffle=config.data.shuffle, packing=config.data.packing,
                              max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id)

@@ -312,14 +312,13 @@ def report(args, runs: list[Run], shape: ModelShape, run_config, peak: float, lo
 
 def mean_tokens_per_sample(run_config) -> float:
     """Mean tokens per training sample (after truncation), what the attention FLOPs depend on."""
-    from moelora_ds.data import load_records, tokenize_records
+    from moelora_ds.data import load_records, tokenize_as_configured
     from moelora_ds.model_loading import load_tokenizer, local_model_dir
 
     data = run_config.data
     tokenizer = load_tokenizer(local_model_dir(run_config.model))
     records, fmt = load_records(data.train_path, data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, data.max_length, data.overlong,
-                                   label_eos=data.train_on_eos)
+    examples, _ = tokenize_as_configured(records, fmt, tokenizer, data)
     return sum(len(e["input_ids"]) for e in examples) / max(1, len(examples))
 
 

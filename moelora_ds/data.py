@@ -21,7 +21,7 @@ import torch
 from .collate import Example, pack_examples, pad_batch
 from .tokenization import tokenize_records
 
-__all__ = ["FORMATS", "DataError", "ShardedBatches", "load_records", "tokenize_records"]
+__all__ = ["FORMATS", "DataError", "ShardedBatches", "load_records", "tokenize_records", "tokenize_as_configured"]
 
 FORMATS = ("chat", "prompt_completion", "text")
 _FORMAT_KEYS = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
@@ -50,6 +50,11 @@ def load_records(path: str, format: str = "auto") -> tuple[list[dict], str]:
     for index, record in enumerate(records):
         _validate_record(record, resolved, f"{path}: record {index}")
     return records, resolved
+
+
+def tokenize_as_configured(records: Sequence[dict], fmt: str, tokenizer, data) -> tuple[list[dict], dict]:
+    """`tokenize_records` with a DataConfig's max_length, overlong policy and eos labelling (train_on_eos)."""
+    return tokenize_records(records, fmt, tokenizer, data.max_length, data.overlong, label_eos=data.train_on_eos)
 
 
 def _read_records(source: Path) -> list[dict]:

@@ -24,7 +24,7 @@ from deepspeed.accelerator import get_accelerator
 
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_dict
-from .data import DataError, ShardedBatches, load_records, tokenize_records
+from .data import DataError, ShardedBatches, load_records, tokenize_as_configured
 from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .evaluate import evaluate_run
 from .inject import inject_moelora, router_aux_loss
@@ -112,8 +112,7 @@ class Trainer:
         except (OSError, ValueError) as error:
             raise DataError(f"data.train_path: {error}") from None
         try:
-            examples, stats = tokenize_records(records, fmt, self.tokenizer, data.max_length, data.overlong,
-                                               label_eos=data.train_on_eos)
+            examples, stats = tokenize_as_configured(records, fmt, self.tokenizer, data)
             if not examples:
                 raise ValueError(f"all {len(records)} records were dropped as longer than "
                                  f"data.max_length={data.max_length} (data.overlong={data.overlong})")

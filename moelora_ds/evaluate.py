@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .collate import IGNORE_INDEX, pad_batch
-from .data import load_records, tokenize_records
+from .data import load_records, tokenize_as_configured
 from .lm_loss import logits_at, supervised_logits_and_targets
 from .tokenization import render_chat
 
@@ -182,8 +182,7 @@ def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, w
     records, fmt = load_records(data_config.eval_path, data_config.format)
     limit: Optional[int] = data_config.eval_max_samples
     records = records if limit is None else records[:limit]
-    examples, _ = tokenize_records(records, fmt, tokenizer, data_config.max_length, data_config.overlong,
-                                   label_eos=data_config.train_on_eos)
+    examples, _ = tokenize_as_configured(records, fmt, tokenizer, data_config)
     batches = eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            pad_token_id=tokenizer.pad_token_id)
     result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size)}

@@ -13,7 +13,7 @@ import yaml
 
 from moelora_ds.checkpoint import read_run_info
 from moelora_ds.config import load_config
-from moelora_ds.data import ShardedBatches, load_records, tokenize_records
+from moelora_ds.data import ShardedBatches, load_records, tokenize_as_configured
 from moelora_ds.engine import seed_everything
 from moelora_ds.inject import adapter_parameters, inject_moelora
 from moelora_ds.metrics import read_metrics
@@ -83,8 +83,7 @@ def reference_run(config: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
     cfg = load_config_from_dict(config)
     tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
     records, fmt = load_records(cfg.data.train_path, cfg.data.format)
-    examples, _ = tokenize_records(records, fmt, tokenizer, cfg.data.max_length, cfg.data.overlong,
-                                   label_eos=cfg.data.train_on_eos)
+    examples, _ = tokenize_as_configured(records, fmt, tokenizer, cfg.data)
     shards = [iter(ShardedBatches(examples, micro_batch_size=cfg.train.micro_batch_size, rank=r, world_size=WORLD_SIZE,
                                   seed=cfg.train.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
                                   max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id))
