@@ -6,7 +6,8 @@ seeds, steps, batch size):
   riemannian       optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=none
   riemannian+sqrt  optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=sqrt
 Every cell (optimizer, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
---config CONFIG` with overrides, in its own output directory OUT/CELL; its result, the final evaluation
+--config CONFIG` with overrides, in its own output directory OUT/CELL; `--parallel N` runs N cells at once
+(on GPUs each on its own R devices, on CPU each with cores / (N * R) threads); its result, the final evaluation
 (metrics.jsonl's last record with "accuracy"), goes to OUT/CELL/result.json. The driver just loops over
 the cells and skips those whose result.json exists, so it can be stopped and restarted at any time, or
 started detached with --background. `--report` reads the result files and writes the table (accuracy per
@@ -16,6 +17,8 @@ benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning 
 Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/wordnet --seed 0`.
 
 Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
+      (the run in RESULTS.md, on a 2-core CPU: --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 120
+       --deepspeed=ds_configs/zero0.json; any further --key=value goes to every cell's train.py)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
@@ -48,11 +52,12 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
     "riemannian+sqrt": (True, "sqrt"),
 }
 OPTIMIZERS = ("sgd", "adamw")
-DEFAULT_RATES = {  # two orders of magnitude each, around what the optimizer needs on this model
-    "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-    "sgd": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+DEFAULT_RATES = {  # two orders of magnitude each, around the rate each optimizer needs on this model
+    "adamw": [1e-4, 5e-4, 2e-3, 1e-2],
+    "sgd": [5e-3, 2e-2, 1e-1, 5e-1],
 }
 RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,19 @@ class Cell:
     def optimizer_name(self) -> str:
         return ("riemannian_" if METHODS[self.method][0] else "") + self.optimizer
 
-    def overrides(self) -> list[str]:
+    def overrides(self, sgd_momentum: float = 0.0) -> list[str]:
+        momentum = [f"--optimizer.momentum={sgd_momentum:g}"] if self.optimizer == "sgd" else []
         return [f"--optimizer.name={self.optimizer_name}", f"--optimizer.lr={self.lr:g}",
-                f"--moelora.gate_rescale={METHODS[self.method][1]}", f"--train.seed={self.seed}"]
+                f"--moelora.gate_rescale={METHODS[self.method][1]}", f"--train.seed={self.seed}", *momentum]
+
+
+def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple[list[str], dict[str, str]]:
+    """The launcher's device arguments and environment for concurrent cell number `slot` of `parallel`."""
+    if on_gpu:
+        devices = ",".join(str(slot * num_ranks + i) for i in range(num_ranks))
+        return ["--include", f"localhost:{devices}"], {}
+    threads = max(1, (os.cpu_count() or 1) // (parallel * num_ranks))
+    return ["--num_gpus", str(num_ranks)], {"OMP_NUM_THREADS": str(threads)}
 
 
 def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds) -> list[Cell]:
@@ -112,7 +127,8 @@ def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: flo
             "exit_code": returncode, "wall_s": round(wall_s, 1)}
 
 
-def run_cell(cell: Cell, args, config: Path, base_overrides: list[str]) -> Optional[dict]:
+def run_cell(cell: Cell, args, config: Path, base_overrides: list[str],
+             slot: tuple[list[str], dict[str, str]]) -> Optional[dict]:
     """Train one cell (unless its result exists or another driver is on it); returns its result or None."""
     cell_dir = args.out_dir / cell.name
     done = read_result(cell_dir)
@@ -129,15 +145,16 @@ def run_cell(cell: Cell, args, config: Path, base_overrides: list[str]) -> Optio
     shutil.rmtree(cell_dir, ignore_errors=True)
     cell_dir.mkdir(parents=True)
     marker.write_text(str(os.getpid()))
-    command = ["deepspeed", "--num_gpus", str(args.num_ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT),
-               "--config", str(config), *base_overrides, *cell.overrides(), f"--train.output_dir={cell_dir}"]
+    devices, env = slot
+    command = ["deepspeed", *devices, "--master_port", str(free_port()), str(TRAIN_SCRIPT), "--config", str(config),
+               *base_overrides, *cell.overrides(args.sgd_momentum), f"--train.output_dir={cell_dir}"]
     log = cell_dir / "train.log"
     print(f"[quality] {cell.name}: training ({time.strftime('%H:%M:%S')})", flush=True)
     started = time.perf_counter()
     with open(log, "w") as handle:
         handle.write(" ".join(command) + "\n")
         handle.flush()
-        returncode = subprocess.run(command, cwd=REPO_ROOT, env=launch_env(), stdout=handle,
+        returncode = subprocess.run(command, cwd=REPO_ROOT, env={**launch_env(), **env}, stdout=handle,
                                     stderr=subprocess.STDOUT, timeout=args.timeout).returncode
     wall = time.perf_counter() - started
     marker.unlink(missing_ok=True)
@@ -153,6 +170,24 @@ def run_cell(cell: Cell, args, config: Path, base_overrides: list[str]) -> Optio
     (cell_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
     print(f"[quality] {cell.name}: accuracy {fmt_acc(result['accuracy'])} ({wall:.0f} s)", flush=True)
     return result
+
+
+def run_cells(cells: list[Cell], args, config: Path, base: list[str]) -> None:
+    """Train the cells, args.parallel at a time, each concurrent one on its own slot of the machine."""
+    from deepspeed.accelerator import get_accelerator
+
+    on_gpu = get_accelerator().device_name() != "cpu"
+    free_slots = list(range(args.parallel))
+
+    def train(cell: Cell) -> None:
+        slot = free_slots.pop()
+        try:
+            run_cell(cell, args, config, base, slot_launch(slot, args.num_ranks, args.parallel, on_gpu))
+        finally:
+            free_slots.append(slot)
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(train, cells))
 
 
 def fmt_acc(value: Optional[float]) -> str:
@@ -233,7 +268,10 @@ def write_report(args, config_path: Path) -> None:
         raise SystemExit(f"no {RESULT_FILE} under {args.out_dir}: nothing to report")
     from moelora_ds.config import load_config
 
-    run_config = load_config(config_path)
+    sweep_file = args.out_dir / SWEEP_FILE
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {
+        "argv": args.sweep_args, "overrides": [], "num_ranks": args.num_ranks, "sgd_momentum": args.sgd_momentum}
+    run_config = load_config(config_path, sweep["overrides"])
     chance = 1.0 / len(run_config.data.choices)
     tables, notes, summary = report_lines(results, chance)
     print(tables + "\n\n" + "\n".join(notes))
@@ -249,20 +287,22 @@ def write_report(args, config_path: Path) -> None:
     body = [
         "## Benchmark 4: accuracy across learning rates, plain MoE-LoRA vs Riemannian vs Riemannian + sqrt",
         "",
-        f"Command: `{command_line()}`" + (f" (the cells: `python benchmarks/quality.py {' '.join(args.sweep_args)}`)"
+        f"Command: `{command_line()}`" + (f" (the cells: `python benchmarks/quality.py {' '.join(sweep['argv'])}`)"
                                           if args.report else ""),
         "",
         *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],
         f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
         f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on "
         f"{', '.join(m.target_modules)}, "
-        f"{run_config.scheduler.name} schedule), {args.num_ranks} ranks, ZeRO from {run_config.deepspeed}; "
-        f"{sample['steps']} steps, micro-batch {args.micro_batch_size or run_config.train.micro_batch_size} per rank; "
-        f"seeds {seeds}; same data order, adapter initialisation and steps in every cell",
+        f"{run_config.scheduler.name} schedule after {run_config.scheduler.warmup_steps} warm-up steps), "
+        f"{sweep['num_ranks']} rank(s), ZeRO from {run_config.deepspeed}; {sample['steps']} steps of "
+        f"{sweep['num_ranks'] * run_config.train.micro_batch_size} questions; seeds {seeds}; same data order, "
+        f"adapter initialisation and steps in every cell",
         f"- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
-        f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt",
+        f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt; AdamW betas "
+        f"{tuple(run_config.optimizer.betas)}, SGD momentum {sweep['sgd_momentum']:g}",
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
-        f"(first {args.eval_max_samples} records)" if args.eval_max_samples else
+        f"(first {run_config.data.eval_max_samples} records)" if run_config.data.eval_max_samples else
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",
         f"- per method: mean and worst over the rates, and best minus worst (lower: less sensitive); a cell "
         f"stopped on non-finite values counts as chance ({100 * chance:.0f}%); {len(results)} cells, "
@@ -323,6 +363,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--eval-max-samples", type=int, default=200, help="data.eval_max_samples (0: all)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="scheduler.warmup_steps (default: config's)")
     parser.add_argument("--num-ranks", type=int, default=2, help="deepspeed --num_gpus")
+    parser.add_argument("--parallel", type=int, default=1, help="cells trained at once")
+    parser.add_argument("--sgd-momentum", type=float, default=0.9, help="optimizer.momentum of the SGD cells")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "outputs" / "bench-quality")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint")
     parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per cell")
@@ -379,8 +421,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         cells = cells_of(args.optimizers, args.methods, rates, args.seeds)
         print(f"[quality] {len(cells)} cells in {args.out_dir}; "
               f"{sum(read_result(args.out_dir / c.name) is not None for c in cells)} already done", flush=True)
-        for cell in cells:
-            run_cell(cell, args, config, base)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / SWEEP_FILE).write_text(json.dumps(
+            {"argv": args.sweep_args, "overrides": base, "num_ranks": args.num_ranks, "parallel": args.parallel,
+             "sgd_momentum": args.sgd_momentum}, indent=2))
+        run_cells(cells, args, config, base)
         if args.smoke or args.results is not None or args.plot is not None:
             write_report(args, config)
     finally:

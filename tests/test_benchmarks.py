@@ -82,6 +82,11 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
                    for m in ("plain", "riemannian+sqrt"))
     assert "--optimizer.name=sgd" in plain.overrides() and "--moelora.gate_rescale=none" in plain.overrides()
     assert "--optimizer.name=riemannian_sgd" in sqrt.overrides() and "--moelora.gate_rescale=sqrt" in sqrt.overrides()
+    assert "--optimizer.momentum=0.9" in sqrt.overrides(0.9)
+    assert not any("momentum" in o for c in cells if c.optimizer == "adamw" for o in c.overrides(0.9))
+    assert quality.slot_launch(1, 2, 2, on_gpu=True) == (["--include", "localhost:2,3"], {})
+    devices, env = quality.slot_launch(0, 1, 2, on_gpu=False)
+    assert devices == ["--num_gpus", "1"] and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     out = tmp_path / "cells"
     for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
         (out / cell.name).mkdir(parents=True)
@@ -91,7 +96,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
 
     class Args:  # a finished cell is never retrained
         out_dir = out
-    assert quality.run_cell(cells[0], Args, Path("unused.yaml"), [])["accuracy"] == 0.3
+    assert quality.run_cell(cells[0], Args, Path("unused.yaml"), [], ([], {}))["accuracy"] == 0.3
     md, png = tmp_path / "r.md", tmp_path / "q.png"
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
