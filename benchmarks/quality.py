@@ -17,7 +17,7 @@ benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning 
 Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/wordnet --seed 0`.
 
 Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
-      (the run in RESULTS.md, on a 2-core CPU: --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 120
+      (the run in RESULTS.md, on a 2-core CPU: --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 80
        --deepspeed=ds_configs/zero0.json; any further --key=value goes to every cell's train.py)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
