@@ -18,7 +18,7 @@ Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/word
 
 Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
       (the run in RESULTS.md, on a 2-core CPU: --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 80
-       --deepspeed=ds_configs/zero0.json; any further --key=value goes to every cell's train.py)
+       --deepspeed=ds_configs/zero0.json --train.grad_clip=0; any further --key=value goes to every cell's train.py)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
@@ -54,7 +54,7 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_RATES = {  # two orders of magnitude each, around the rate each optimizer needs on this model
     "adamw": [1e-4, 5e-4, 2e-3, 1e-2],
-    "sgd": [5e-3, 2e-2, 1e-1, 5e-1],
+    "sgd": [1e-3, 5e-3, 2.5e-2, 1e-1],
 }
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
