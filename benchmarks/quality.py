@@ -296,7 +296,8 @@ def write_report(args, config_path: Path) -> None:
         f"{', '.join(m.target_modules)}, "
         f"{run_config.scheduler.name} schedule after {run_config.scheduler.warmup_steps} warm-up steps), "
         f"{sweep['num_ranks']} rank(s), ZeRO from {run_config.deepspeed}; {sample['steps']} steps of "
-        f"{sweep['num_ranks'] * run_config.train.micro_batch_size} questions; seeds {seeds}; same data order, "
+        f"{sweep['num_ranks'] * run_config.train.micro_batch_size} questions, gradient clipping "
+        f"{run_config.train.grad_clip or 'off'}; seeds {seeds}; same data order, "
         f"adapter initialisation and steps in every cell",
         f"- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
         f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt; AdamW betas "
