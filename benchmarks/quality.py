@@ -239,6 +239,23 @@ def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], di
     return "\n\n".join(tables), notes, summary
 
 
+def eval_loss_table(results: list[dict]) -> str:
+    """Final eval loss per cell (mean over seeds), one table per optimizer: learning shows here first."""
+    losses: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in results:
+        if r.get("eval_loss") is not None and not r.get("diverged"):
+            losses.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(r["eval_loss"])
+    tables = []
+    for opt in OPTIMIZERS:
+        keys = [(opt, m) for m in METHODS if (opt, m) in losses]
+        rates = sorted({lr for key in keys for lr in losses[key]})
+        if keys:
+            rows = [[opt, key[1], *[f"{mean(losses[key][lr]):.3f}" if lr in losses[key] else "-" for lr in rates]]
+                    for key in keys]
+            tables.append(markdown_table(["optimizer", "method", *[f"lr {lr:g}" for lr in rates]], rows))
+    return "\n\n".join(tables)
+
+
 def plot(summary: dict, path: Path, chance: float) -> None:
     import matplotlib
 
@@ -312,6 +329,11 @@ def write_report(args, config_path: Path) -> None:
         tables,
         "",
         *notes,
+        "",
+        "Final eval loss per cell (per labelled token; guessing the letter uniformly with the end-of-turn "
+        "token learned gives about ln(4)/2 = 0.69):",
+        "",
+        eval_loss_table(results),
     ]
     update_results(args.results, args.section, "\n".join(body), plot=args.plot)
     print(f"wrote {args.results}")

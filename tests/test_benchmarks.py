@@ -93,7 +93,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
         (out / cell.name).mkdir(parents=True)
         record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
-                  "accuracy": 0.3 + 0.05 * (i % 5), "steps": 4, "wall_s": 1.0}
+                  "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0}
         (out / cell.name / quality.RESULT_FILE).write_text(__import__("json").dumps(record))
 
     class Args:  # a finished cell is never retrained
@@ -103,7 +103,9 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
     assert "<!-- BEGIN quality -->" in text and "| optimizer | method | lr 0.01 | lr 0.1 | mean | worst |" in text
-    assert text.count("| sgd |") == 3 and text.count("| adamw |") == 3 and "1 of 2 rates finished" in text
+    # three methods per optimizer, in the accuracy table and again in the eval-loss table
+    assert text.count("| sgd |") == 6 and text.count("| adamw |") == 6 and "1 of 2 rates finished" in text
+    assert "| sgd | plain | 1.000 | 1.030 |" in text
     assert png.stat().st_size > 1000
 
 
