@@ -279,6 +279,12 @@ def plot(summary: dict, path: Path, chance: float) -> None:
     save_figure(fig, "Benchmark 4: final accuracy vs learning rate", path)
 
 
+def sweep_settings(args, overrides: list[str]) -> dict:
+    """What --report needs to describe a sweep: its arguments, the cells' common overrides, ranks, momentum."""
+    return {"argv": args.sweep_args, "overrides": overrides, "num_ranks": args.num_ranks, "parallel": args.parallel,
+            "sgd_momentum": args.sgd_momentum}
+
+
 def write_report(args, config_path: Path) -> None:
     results = collect(args.out_dir)
     if not results:
@@ -286,8 +292,7 @@ def write_report(args, config_path: Path) -> None:
     from moelora_ds.config import load_config
 
     sweep_file = args.out_dir / SWEEP_FILE
-    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {
-        "argv": args.sweep_args, "overrides": [], "num_ranks": args.num_ranks, "sgd_momentum": args.sgd_momentum}
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else sweep_settings(args, [])
     run_config = load_config(config_path, sweep["overrides"])
     chance = 1.0 / len(run_config.data.choices)
     tables, notes, summary = report_lines(results, chance)
@@ -445,9 +450,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"[quality] {len(cells)} cells in {args.out_dir}; "
               f"{sum(read_result(args.out_dir / c.name) is not None for c in cells)} already done", flush=True)
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / SWEEP_FILE).write_text(json.dumps(
-            {"argv": args.sweep_args, "overrides": base, "num_ranks": args.num_ranks, "parallel": args.parallel,
-             "sgd_momentum": args.sgd_momentum}, indent=2))
+        (args.out_dir / SWEEP_FILE).write_text(json.dumps(sweep_settings(args, base), indent=2))
         run_cells(cells, args, config, base)
         if args.smoke or args.results is not None or args.plot is not None:
             write_report(args, config)
