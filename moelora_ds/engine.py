@@ -33,7 +33,7 @@ from .launch import init_distributed
 from .metrics import MetricsLogger
 from .model_loading import load_base_model, load_tokenizer, local_model_dir
 from .nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
-from .optim_factory import build_optimizer, scheduler_factory
+from .optim_factory import build_optimizer, scheduler_factory, undo_state_initialization_step
 from .reshard import (UNIVERSAL_SCRATCH, convert_data_position, convert_to_universal, needs_universal,
                       repair_universal_load, saved_units_per_batch)
 
@@ -102,6 +102,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
             config=self.ds_config)
+        undo_state_initialization_step(self.engine.optimizer)
         self.step = 0
         self.preemption = PreemptionFlag()
 

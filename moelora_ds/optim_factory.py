@@ -56,3 +56,18 @@ def lr_multiplier(config: SchedulerConfig, total_steps: int) -> Callable[[int], 
 def scheduler_factory(config: SchedulerConfig, total_steps: int):
     """A callable DeepSpeed builds the scheduler with, on the optimizer it wraps."""
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps))
+
+
+def undo_state_initialization_step(optimizer) -> None:
+    """Forget the zero-gradient `step()` DeepSpeed's ZeRO-0 bf16/fp16 wrapper takes to create optimizer state.
+
+    `FP16_UnfusedOptimizer` (stage 0 with bf16 or fp16 and a non-fused optimizer) calls the inner optimizer's
+    `step()` once at construction. Adam counts it, so every early update uses the next step's bias correction
+    (the first is 0.735x too small at beta2 0.95), and decoupled weight decay shrinks the fp32 masters once.
+    Dropping the state and re-reading the masters from the model makes the first real step the first step.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        optimizer.optimizer.state.clear()
+        optimizer.refresh_fp32_params()

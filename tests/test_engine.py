@@ -194,9 +194,12 @@ def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_
 
 
 @pytest.mark.distributed
-def test_resume_continues_exactly(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+@pytest.mark.parametrize("deepspeed,dtype", [("ds_configs/zero3.json", "float32"), ("ds_configs/zero0.json", "bfloat16")])
+def test_resume_continues_exactly(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, deepspeed, dtype):
     base = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "full", optimizer={"name": "riemannian_adamw"},
-                      moelora={"dropout": 0.1}, train={"max_steps": 12, "output_dir": str(tmp_path / "full")})
+                      moelora={"dropout": 0.1}, train={"max_steps": 12, "output_dir": str(tmp_path / "full")},
+                      deepspeed=deepspeed)
+    base["model"]["dtype"] = dtype
     (tmp_path / "a").mkdir()
     launch(base, tmp_path / "a", subprocess_env)
     full = [r["loss"] for r in read_metrics(tmp_path / "full") if "loss" in r]
@@ -248,15 +251,36 @@ def global_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Te
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 3])
 @pytest.mark.parametrize("name,plain,lr", [("riemannian_sgd", "sgd", 0.2), ("riemannian_adamw", "adamw", 1e-2)])
-def test_zero3_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, name, plain, lr):
-    """bf16 ZeRO-3 tracks the fp32 single-process reference within bf16 noise, and far closer than the same
-    reference without preconditioning is (so the bf16 path really preconditions)."""
+def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, name, plain, lr,
+                                         stage):
+    """bf16 at ZeRO-0 and ZeRO-3 tracks the fp32 single-process reference within bf16 noise, and far closer than
+    the same reference without preconditioning is (so the bf16 path really preconditions)."""
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": name, "lr": lr},
-                        scheduler={"name": "constant", "warmup_steps": 0})
+                        scheduler={"name": "constant", "warmup_steps": 0}, deepspeed=f"ds_configs/zero{stage}.json")
     reference, _ = reference_run(config)
     launch({**config, "model": {**config["model"], "dtype": "bfloat16"}}, tmp_path, subprocess_env)
     error = global_relative_error(checkpoint_adapters(tmp_path / "out"), reference)
     plain_reference, _ = reference_run({**config, "optimizer": {**config["optimizer"], "name": plain}})
     gap = global_relative_error(plain_reference, reference)
     assert error < 0.1 and error < gap / 4, f"bf16 error {error:.3f}, unpreconditioned gap {gap:.3f}"
+
+
+@pytest.mark.distributed
+def test_zero0_bf16_first_adam_step_is_step_one(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+    """DeepSpeed's ZeRO-0 bf16 wrapper steps the optimizer once on zero gradients at start-up; the trainer undoes
+    it, so after one training step Adam has counted one step and moved the zero-initialised B factors by lr (its
+    first update is lr times the gradient's sign wherever the gradient is well above eps)."""
+    lr = 1e-2
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": "adamw", "lr": lr},
+                        scheduler={"name": "constant", "warmup_steps": 0}, deepspeed="ds_configs/zero0.json")
+    config["model"]["dtype"] = "bfloat16"
+    config["train"]["max_steps"] = 1
+    launch(config, tmp_path, subprocess_env)
+    root = tmp_path / "out" / "checkpoints"
+    state = torch.load(root / (root / "latest").read_text().strip() / "mp_rank_00_model_states.pt", weights_only=False)
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["optimizer_state_dict"]["state"].values()}
+    assert adam_steps == {1.0}
+    moved = torch.cat([p.float().abs().flatten() for name, p in state["module"].items() if name.endswith("lora_B")])
+    assert abs(moved.median().item() / lr - 1) < 2 ** -7, moved.median()  # 0.735 with the start-up step counted
