@@ -256,6 +256,24 @@ def eval_loss_table(results: list[dict]) -> str:
     return "\n\n".join(tables)
 
 
+def accuracy_by_step_table(out_dir: Path) -> str:
+    """Accuracy (%) at every evaluation during training, one row per cell (cells run with train.eval_every > 0)."""
+    from moelora_ds.metrics import read_metrics
+
+    rows, steps = [], set()
+    for result_path in sorted(out_dir.glob(f"*/{RESULT_FILE}")):
+        r = json.loads(result_path.read_text())
+        curve = {e["step"]: e["accuracy"] for e in read_metrics(result_path.parent) if "accuracy" in e}
+        steps |= curve.keys()
+        rows.append(((OPTIMIZERS.index(r["optimizer"]), r["lr"], list(METHODS).index(r["method"]), r["seed"]),
+                     [r["optimizer"], r["method"], f"{r['lr']:g}", str(r["seed"])], curve))
+    if len(steps) < 2:
+        return ""
+    steps = sorted(steps)
+    return markdown_table(["optimizer", "method", "lr", "seed", *[f"step {s}" for s in steps]],
+                          [[*cells, *[fmt_acc(curve.get(s)) for s in steps]] for _, cells, curve in sorted(rows)])
+
+
 def plot(summary: dict, path: Path, chance: float) -> None:
     import matplotlib
 
@@ -340,6 +358,9 @@ def write_report(args, config_path: Path) -> None:
         "",
         eval_loss_table(results),
     ]
+    curves = accuracy_by_step_table(args.out_dir)
+    if curves:
+        body += ["", "Accuracy (%) at each evaluation during training (when learning sets in):", "", curves]
     update_results(args.results, args.section, "\n".join(body), plot=args.plot)
     print(f"wrote {args.results}")
 

@@ -95,6 +95,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
                   "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0}
         (out / cell.name / quality.RESULT_FILE).write_text(__import__("json").dumps(record))
+        evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25}, {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
+        (out / cell.name / "metrics.jsonl").write_text("".join(__import__("json").dumps(e) + "\n" for e in evals))
 
     class Args:  # a finished cell is never retrained
         out_dir = out
@@ -103,9 +105,12 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
     assert "<!-- BEGIN quality -->" in text and "| optimizer | method | lr 0.01 | lr 0.1 | mean | worst |" in text
-    # three methods per optimizer, in the accuracy table and again in the eval-loss table
-    assert text.count("| sgd |") == 6 and text.count("| adamw |") == 6 and "1 of 2 rates finished" in text
+    # three methods per optimizer in the accuracy and eval-loss tables, then one row per finished cell
+    assert text.count("| sgd |") == 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 5
+    assert "1 of 2 rates finished" in text
     assert "| sgd | plain | 1.000 | 1.030 |" in text
+    assert "| optimizer | method | lr | seed | step 2 | step 4 |" in text  # accuracy during training, per cell
+    assert "| sgd | plain | 0.01 | 1 | 25.0 | 30.0 |" in text and text.count("| 25.0 |") == 11
     assert png.stat().st_size > 1000
 
 
