@@ -17,8 +17,10 @@ benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning 
 Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/wordnet --seed 0`.
 
 Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
-      (the run in RESULTS.md, on a 2-core CPU: --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 80
-       --deepspeed=ds_configs/zero0.json --train.grad_clip=0; any further --key=value goes to every cell's train.py)
+      (the AdamW sweep in RESULTS.md, on a 2-core CPU: --optimizers adamw --adamw-rates 2e-3 1e-2 5e-4 1e-4
+       --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 120 --deepspeed=ds_configs/zero0.json
+       --data.train_on_eos=false --train.eval_every=40; any further --key=value goes to every cell's train.py;
+       with the end-of-turn token in the loss too, accuracy on this quiz jumps only after ~150 steps)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
