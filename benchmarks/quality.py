@@ -355,8 +355,9 @@ def write_report(args, config_path: Path) -> None:
         "",
         *notes,
         "",
-        "Final eval loss per cell (per labelled token; guessing the letter uniformly with the end-of-turn "
-        "token learned gives about ln(4)/2 = 0.69):",
+        "Final eval loss per cell (per labelled token; guessing the letter uniformly gives "
+        + ("about ln(4)/2 = 0.69 with the end-of-turn token learned):" if run_config.data.train_on_eos
+           else "ln(4) = 1.39):"),
         "",
         eval_loss_table(results),
     ]
