@@ -89,7 +89,7 @@ class Trainer:
 
         self.model_dir = local_model_dir(config.model, is_converter=_local_rank() == 0, barrier=dist.barrier)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.batches = self._agreed(self._build_batches)
+        self.batches = self._batches_or_error_on_every_rank()
         self.total_steps = self._total_steps()
         self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume)
         self.universal = self.resume_point is not None and needs_universal(
@@ -106,16 +106,16 @@ class Trainer:
         self.step = 0
         self.preemption = PreemptionFlag()
 
-    def _agreed(self, load):
-        """`load()` on every rank, and a DataError on all of them if it failed on any (each names its own cause),
-        so every rank reports before the launcher sees one exit and kills the rest."""
+    def _batches_or_error_on_every_rank(self) -> ShardedBatches:
+        """This rank's batches; if loading failed on any rank, a DataError on all of them (each names its own
+        cause), so every rank reports it before the launcher sees one exit and kills the rest."""
         try:
-            return_value, failure = load(), None
+            batches, failure = self._build_batches(), None
         except DataError as error:
-            return_value, failure = None, error
+            batches, failure = None, error
         if self._all_sum([float(failure is not None)])[0]:
             raise failure or DataError(f"rank {self.rank}: another rank could not load its data (see its message)")
-        return return_value
+        return batches
 
     def _build_batches(self) -> ShardedBatches:
         data = self.config.data
