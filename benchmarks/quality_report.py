@@ -1,0 +1,202 @@
+"""Benchmark 4's files and report: a cell's result.json, the sweep's sweep.json, the tables and the plot.
+
+`python benchmarks/quality.py --report` calls `write_report`; the driver (quality.py) writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from statistics import mean
+from typing import Optional
+
+from bench_utils import command_line, machine_lines, markdown_table, save_figure, update_results
+
+METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
+    "plain": (False, "none"),
+    "riemannian": (True, "none"),
+    "riemannian+sqrt": (True, "sqrt"),
+}
+OPTIMIZERS = ("sgd", "adamw")
+RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
+
+
+def fmt_acc(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def cell_accuracy(result: dict, chance: float) -> float:
+    """A diverged cell counts as chance level (it answers no better than guessing)."""
+    return chance if result.get("diverged") or result.get("accuracy") is None else result["accuracy"]
+
+
+def collect(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob(f"*/{RESULT_FILE}"))]
+
+
+def summarize(results: list[dict], chance: float):
+    """{(optimizer, method): {lr: mean accuracy over seeds}} and the rates of each optimizer."""
+    table: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in results:
+        table.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(cell_accuracy(r, chance))
+    return {key: {lr: mean(v) for lr, v in sorted(by_lr.items())} for key, by_lr in table.items()}
+
+
+def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], dict]:
+    """One markdown table per optimizer (methods x rates, mean, worst, best-worst) and summary lines."""
+    summary = summarize(results, chance)
+    tables, notes = [], []
+    for opt in OPTIMIZERS:
+        keys = [(opt, m) for m in METHODS if (opt, m) in summary]
+        if not keys:
+            continue
+        rates = sorted({lr for k in keys for lr in summary[k]})
+        header = ["optimizer", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst"]
+        rows = []
+        for key in keys:
+            accs = summary[key]
+            values = [accs[lr] for lr in rates if lr in accs]
+            complete = len(values) == len(rates)
+            rows.append([opt, key[1], *[fmt_acc(accs.get(lr)) for lr in rates],
+                         fmt_acc(mean(values)) + ("" if complete else "*"), fmt_acc(min(values)),
+                         f"{100 * (max(values) - min(values)):.1f}"])
+            if not complete:
+                notes.append(f"- {opt} {key[1]}: {len(values)} of {len(rates)} rates finished (* mean of those)")
+        tables.append(markdown_table(header, rows))
+        best = max(keys, key=lambda k: mean(summary[k].values()))
+        robust = max(keys, key=lambda k: min(summary[k].values()))
+        notes.append(f"- {opt}: highest mean accuracy: {best[1]} ({fmt_acc(mean(summary[best].values()))}); "
+                     f"highest worst-case accuracy: {robust[1]} ({fmt_acc(min(summary[robust].values()))})")
+    return "\n\n".join(tables), notes, summary
+
+
+def eval_loss_table(results: list[dict]) -> str:
+    """Final eval loss per cell (mean over seeds), one table per optimizer: learning shows here first."""
+    losses: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for r in results:
+        if r.get("eval_loss") is not None and not r.get("diverged"):
+            losses.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(r["eval_loss"])
+    tables = []
+    for opt in OPTIMIZERS:
+        keys = [(opt, m) for m in METHODS if (opt, m) in losses]
+        rates = sorted({lr for key in keys for lr in losses[key]})
+        if keys:
+            rows = [[opt, key[1], *[f"{mean(losses[key][lr]):.3f}" if lr in losses[key] else "-" for lr in rates]]
+                    for key in keys]
+            tables.append(markdown_table(["optimizer", "method", *[f"lr {lr:g}" for lr in rates]], rows))
+    return "\n\n".join(tables)
+
+
+def accuracy_by_step_table(out_dir: Path) -> str:
+    """Accuracy (%) at every evaluation during training, one row per cell (cells run with train.eval_every > 0)."""
+    from moelora_ds.metrics import read_metrics
+
+    rows, steps = [], set()
+    for result_path in sorted(out_dir.glob(f"*/{RESULT_FILE}")):
+        r = json.loads(result_path.read_text())
+        curve = {e["step"]: e["accuracy"] for e in read_metrics(result_path.parent) if "accuracy" in e}
+        steps |= curve.keys()
+        rows.append(((OPTIMIZERS.index(r["optimizer"]), r["lr"], list(METHODS).index(r["method"]), r["seed"]),
+                     [r["optimizer"], r["method"], f"{r['lr']:g}", str(r["seed"])], curve))
+    if len(steps) < 2:
+        return ""
+    steps = sorted(steps)
+    return markdown_table(["optimizer", "method", "lr", "seed", *[f"step {s}" for s in steps]],
+                          [[*cells, *[fmt_acc(curve.get(s)) for s in steps]] for _, cells, curve in sorted(rows)])
+
+
+def plot(summary: dict, path: Path, chance: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = [opt for opt in OPTIMIZERS if any(k[0] == opt for k in summary)]
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.2), squeeze=False)
+    for ax, opt in zip(axes[0], optimizers):
+        for method, marker in zip(METHODS, "osD"):
+            accs = summary.get((opt, method))
+            if accs:
+                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, label=method)
+        ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final eval accuracy (%)")
+        ax.set_title(opt)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, "Benchmark 4: final accuracy vs learning rate", path)
+
+
+def sweep_settings(args, overrides: list[str]) -> dict:
+    """What --report needs to describe a sweep: its arguments, the cells' common overrides, ranks, momentum."""
+    return {"argv": args.sweep_args, "overrides": overrides, "num_ranks": args.num_ranks, "parallel": args.parallel,
+            "sgd_momentum": args.sgd_momentum}
+
+
+def write_report(args, config_path: Path) -> None:
+    results = collect(args.out_dir)
+    if not results:
+        raise SystemExit(f"no {RESULT_FILE} under {args.out_dir}: nothing to report")
+    from moelora_ds.config import load_config
+
+    sweep_file = args.out_dir / SWEEP_FILE
+    sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else sweep_settings(args, [])
+    run_config = load_config(config_path, sweep["overrides"])
+    chance = 1.0 / len(run_config.data.choices)
+    tables, notes, summary = report_lines(results, chance)
+    print(tables + "\n\n" + "\n".join(notes))
+    if args.plot is not None:
+        plot(summary, args.plot, chance)
+        print(f"wrote {args.plot}")
+    if args.results is None:
+        return
+    sample = results[0]
+    seeds = sorted({r["seed"] for r in results})
+    optimizers = {r["optimizer"] for r in results}
+    walls = [r["wall_s"] for r in results if r.get("wall_s")]
+    m = run_config.moelora
+    body = [
+        f"## Benchmark 4: accuracy across learning rates ({', '.join(o for o in OPTIMIZERS if o in optimizers)}), "
+        "plain MoE-LoRA vs Riemannian vs Riemannian + sqrt",
+        "",
+        f"Command: `{command_line()}`" + (f" (the cells: `python benchmarks/quality.py {' '.join(sweep['argv'])}`)"
+                                          if args.report else ""),
+        "",
+        *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],
+        f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
+        f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on "
+        f"{', '.join(m.target_modules)}, "
+        f"{run_config.scheduler.name} schedule after {run_config.scheduler.warmup_steps} warm-up steps), "
+        f"{sweep['num_ranks']} rank(s), ZeRO from {run_config.deepspeed}; {sample['steps']} steps of "
+        f"{sweep['num_ranks'] * run_config.train.micro_batch_size} questions, gradient clipping "
+        f"{run_config.train.grad_clip or 'off'}; seeds {seeds}; same data order, "
+        f"adapter initialisation and steps in every cell",
+        f"- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
+        f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt; AdamW betas "
+        f"{tuple(run_config.optimizer.betas)}, SGD momentum {sweep['sgd_momentum']:g}",
+        f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
+        f"(first {run_config.data.eval_max_samples} records)" if run_config.data.eval_max_samples else
+        f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",
+        f"- per method: mean and worst over the rates, and best minus worst (lower: less sensitive); a cell "
+        f"stopped on non-finite values counts as chance ({100 * chance:.0f}%); {len(results)} cells, "
+        f"{sum(walls) / 3600:.1f} h of training",
+        "",
+        tables,
+        "",
+        *notes,
+        "",
+        "Final eval loss per cell (per labelled token; guessing the letter uniformly gives "
+        + ("about ln(4)/2 = 0.69 with the end-of-turn token learned):" if run_config.data.train_on_eos
+           else "ln(4) = 1.39):"),
+        "",
+        eval_loss_table(results),
+    ]
+    curves = accuracy_by_step_table(args.out_dir)
+    if curves:
+        body += ["", "Accuracy (%) at each evaluation during training (when learning sets in):", "", curves]
+    update_results(args.results, args.section, "\n".join(body), plot=args.plot)
+    print(f"wrote {args.results}")
