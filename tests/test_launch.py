@@ -1,4 +1,4 @@
-"""The pure side of moelora_ds.launch: node lists, launcher detection, rendezvous from real-shaped environments."""
+"""The pure side of moelora_ds.launch: launcher detection, rendezvous from real-shaped environments."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from moelora_ds.launch import (ANY_FREE_PORT, DEFAULT_MASTER_PORT, LaunchEnvironmentError, detect_launcher,
-                               expand_nodelist, expand_tasks_per_node, hostfile_lines, main, reachable_master_addr,
-                               rendezvous_from_env)
+                               hostfile_lines, main, reachable_master_addr, rendezvous_from_env)
+from moelora_ds.slurm_nodelist import expand_nodelist
 
 from conftest import REPO
 
@@ -38,32 +38,6 @@ def srun_env(procid: int, nodeid: int, localid: int, **extra: str) -> dict[str, 
             "SLURM_STEP_NUM_NODES": "5", "SLURM_NNODES": "5", "SLURM_STEP_NODELIST": nodelist,
             "SLURM_JOB_NODELIST": nodelist, "SLURM_NODELIST": nodelist, "SLURM_STEP_TASKS_PER_NODE": "2(x5)",
             "SLURM_TASKS_PER_NODE": "2(x5)", **extra}
-
-
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("gpu5", ["gpu5"]),
-    ("node[1-2]", ["node1", "node2"]),
-    ("node[8-10]", ["node8", "node9", "node10"]),
-    ("node[008-010]", ["node008", "node009", "node010"]),
-    ("rack[1-2]-n[3,5]", ["rack1-n3", "rack1-n5", "rack2-n3", "rack2-n5"]),
-    ("a1,b[2],c-x[0-1]", ["a1", "b2", "c-x0", "c-x1"]),
-])
-def test_expand_nodelist(nodelist, hosts):
-    assert expand_nodelist(nodelist) == hosts
-
-
-@pytest.mark.parametrize("nodelist", ["node[1-", "node]1[", "node[a-b]", "node[3-1]", "n[[1]]", "", "node[]"])
-def test_expand_nodelist_rejects_malformed(nodelist):
-    with pytest.raises(ValueError, match="node list"):
-        expand_nodelist(nodelist)
-
-
-def test_expand_tasks_per_node():
-    assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    assert expand_tasks_per_node("8") == [8]
-    with pytest.raises(ValueError, match="tasks-per-node"):
-        expand_tasks_per_node("2(x)")
 
 
 def test_srun_task_rendezvous_from_recorded_env():

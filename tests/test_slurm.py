@@ -12,7 +12,8 @@ import pytest
 import training_runs
 from allreduce_probe import SCRIPT as PROBE, probe_reports
 from moelora_ds.checkpoint import read_run_info
-from moelora_ds.launch import SLURM_PORT_BASE, expand_nodelist
+from moelora_ds.launch import SLURM_PORT_BASE
+from moelora_ds.slurm_nodelist import expand_nodelist
 from moelora_ds.metrics import read_metrics
 
 from conftest import REPO
