@@ -316,6 +316,17 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
 
 
+def advisories(config: RunConfig) -> list[str]:
+    """Valid settings that probably do not do what the user wants; the trainer prints them at start-up."""
+    notes = []
+    if config.optimizer.name == "riemannian_sgd" and config.train.grad_clip > 0:
+        notes.append(f"{config.source}: train.grad_clip={config.train.grad_clip:g} with optimizer.name=riemannian_sgd "
+                     "clips the preconditioned gradient, whose A part is large while B is near 0, so every early "
+                     "update shrinks (benchmark 4: eval loss 3.86 clipped vs 0.78 unclipped); "
+                     "train.grad_clip=0 is recommended")
+    return notes
+
+
 def config_to_dict(config: RunConfig) -> dict:
     """The configuration as plain JSON-able data (what checkpoints record)."""
     def convert(obj: Any) -> Any:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from . import checkpoint as ckpt
-from .config import RunConfig, config_to_dict
+from .config import RunConfig, advisories, config_to_dict
 from .data import DataError, ShardedBatches, load_records, tokenize_as_configured
 from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from .evaluate import evaluate_run
@@ -81,6 +81,9 @@ class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.rank, self.world_size = init_distributed(timeout_s=config.train.collective_timeout_s)
+        if self.rank == 0:
+            for note in advisories(config):
+                print(f"[moelora-ds] warning: {note}", flush=True)
         self.device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
         self.ds_config = build_deepspeed_config(config, self.world_size)
         self.output_dir = Path(config.train.output_dir)

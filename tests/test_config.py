@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moelora_ds.config import ConfigError, load_config, parse_overrides
+from moelora_ds.config import ConfigError, advisories, load_config, parse_overrides
 from moelora_ds.ds_config import build_deepspeed_config
 
 from conftest import REPO
@@ -54,6 +54,13 @@ def test_invalid_values_are_rejected(override, message):
 def test_malformed_override_is_an_error():
     with pytest.raises(ConfigError, match="expected --section.key=value"):
         parse_overrides(["--train.max_steps"])
+
+
+def test_riemannian_sgd_with_clipping_is_advised_against():
+    clipped = load_config(None, ["--optimizer.name=riemannian_sgd", "--train.grad_clip=1.0"])
+    assert [note for note in advisories(clipped) if "train.grad_clip=1 with optimizer.name=riemannian_sgd" in note]
+    assert advisories(load_config(None, ["--optimizer.name=riemannian_sgd", "--train.grad_clip=0"])) == []
+    assert advisories(load_config(None, ["--optimizer.name=riemannian_adamw", "--train.grad_clip=1.0"])) == []
 
 
 def test_deepspeed_values_are_filled_from_the_training_config():
