@@ -68,9 +68,6 @@ class Timings:
         self.wall: dict[str, list[float]] = {name: [] for name in names}
         self.cpu: dict[str, list[float]] = {name: [] for name in names}
 
-    def of(self, clock: str) -> dict[str, list[float]]:
-        return self.cpu if clock == "cpu" else self.wall
-
 
 def interleaved_times(candidates: dict[str, Callable[[], None]], *, reps: int, inner: dict[str, int],
                       warmup: int = 2) -> Timings:
