@@ -143,7 +143,8 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
     Each record is a chat ending with the assistant's answer (one of `choices`). The conversation before
     it is rendered with the generation prompt; the prediction is the choice whose first token has the
     highest logit at the next position. Rank r scores every world_size-th record; counts are summed
-    over ranks. Returns {"accuracy", "correct", "total"}.
+    over ranks. Returns {"accuracy", "correct", "total", "predicted"}, where "predicted" counts how often
+    each choice was predicted (a model that always gives one letter shows as one non-zero count).
     """
     if not records:
         raise ValueError("no records to evaluate")
@@ -153,14 +154,18 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
     device = model_device(model)
     mine = list(range(rank, len(records), world_size))
     count = math.ceil(math.ceil(len(records) / world_size) / micro_batch_size)
-    correct = 0
+    correct, predicted = 0, [0] * len(choices)
     with _EvalMode(model):
         for b in range(count):
             chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
             predictions = _predict(model, tokenizer, [prompts[i] for i in chunk or [0]], token_ids, device)
-            correct += sum(choices[p] == split[i][1] for i, p in zip(chunk, predictions))
-    correct, total = _all_sum([float(correct), float(len(mine))], device, world_size)
-    return {"accuracy": correct / total, "correct": int(correct), "total": int(total)}
+            for i, p in zip(chunk, predictions):
+                correct += choices[p] == split[i][1]
+                predicted[p] += 1
+    correct, total, *predicted = _all_sum([float(correct), float(len(mine)), *map(float, predicted)], device,
+                                          world_size)
+    return {"accuracy": correct / total, "correct": int(correct), "total": int(total),
+            "predicted": {choice: int(n) for choice, n in zip(choices, predicted)}}
 
 
 def _predict(model: torch.nn.Module, tokenizer, prompts: list[str], token_ids: list[int],
@@ -178,7 +183,7 @@ def _predict(model: torch.nn.Module, tokenizer, prompts: list[str], token_ids: l
 def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, world_size: int,
                  micro_batch_size: int) -> dict:
     """The training run's evaluation of `data_config.eval_path`: {"eval_loss"} and, for multiple-choice
-    chat data whose answers are `data_config.choices`, {"accuracy"}."""
+    chat data whose answers are `data_config.choices`, {"accuracy", "predicted"} (predictions per choice)."""
     records, fmt = load_records(data_config.eval_path, data_config.format)
     limit: Optional[int] = data_config.eval_max_samples
     records = records if limit is None else records[:limit]
@@ -187,6 +192,7 @@ def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, w
                            pad_token_id=tokenizer.pad_token_id)
     result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size)}
     if fmt == "chat" and is_multiple_choice(records, data_config.choices):
-        result["accuracy"] = multiple_choice_accuracy(model, tokenizer, records, data_config.choices,
-                                                      micro_batch_size, rank, world_size)["accuracy"]
+        scores = multiple_choice_accuracy(model, tokenizer, records, data_config.choices, micro_batch_size, rank,
+                                          world_size)
+        result.update(accuracy=scores["accuracy"], predicted=scores["predicted"])
     return result

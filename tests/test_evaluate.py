@@ -56,7 +56,7 @@ def test_rigged_model_scores_exactly_the_answers_it_prefers(tiny_tokenizer):
     records = multiple_choice_records(16)  # answers cycle A, B, C, D
     c_token = tiny_tokenizer.convert_tokens_to_ids("C")
     result = multiple_choice_accuracy(rigged_model(c_token), tiny_tokenizer, records, micro_batch_size=5)
-    assert result == {"accuracy": 0.25, "correct": 4, "total": 16}
+    assert result == {"accuracy": 0.25, "correct": 4, "total": 16, "predicted": {"A": 0, "B": 0, "C": 16, "D": 0}}
     only_c = [r for r in records if r["messages"][-1]["content"] == "C"]
     assert multiple_choice_accuracy(rigged_model(c_token), tiny_tokenizer, only_c)["accuracy"] == 1.0
 
@@ -68,7 +68,8 @@ def test_batched_accuracy_matches_brute_force(model, tiny_tokenizer):
     expected = sum(p == g for p, g in zip(predicted, gold))
     for micro_batch_size in (1, 4, 13):
         result = multiple_choice_accuracy(model, tiny_tokenizer, records, micro_batch_size=micro_batch_size)
-        assert result == {"accuracy": expected / 13, "correct": expected, "total": 13}
+        assert result == {"accuracy": expected / 13, "correct": expected, "total": 13,
+                          "predicted": {letter: predicted.count(letter) for letter in LETTERS}}
 
 
 def test_choice_tokens_are_checked(tiny_tokenizer):
@@ -123,8 +124,10 @@ def test_evaluate_run_on_multiple_choice_and_text(tmp_path, model, tiny_tokenize
     config = DataConfig(eval_path=str(write_jsonl(tmp_path / "mc.jsonl", records)), format="auto",
                         max_length=64, overlong="truncate", choices=list(LETTERS), eval_max_samples=5)
     result = evaluate_run(model, config, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)
-    assert set(result) == {"eval_loss", "accuracy"} and math.isfinite(result["eval_loss"])
-    assert result["accuracy"] == multiple_choice_accuracy(model, tiny_tokenizer, records[:5])["accuracy"]
+    assert set(result) == {"eval_loss", "accuracy", "predicted"} and math.isfinite(result["eval_loss"])
+    first_five = multiple_choice_accuracy(model, tiny_tokenizer, records[:5])
+    assert result["accuracy"] == first_five["accuracy"] and result["predicted"] == first_five["predicted"]
+    assert sum(result["predicted"].values()) == 5
     config.eval_path = str(write_jsonl(tmp_path / "text.jsonl", [{"text": "cat and dog"}]))
     assert set(evaluate_run(model, config, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)) == {"eval_loss"}
 
