@@ -114,6 +114,7 @@ def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: flo
             "optimizer_name": cell.optimizer_name, "gate_rescale": METHODS[cell.method][1],
             "accuracy": evals[-1]["accuracy"] if evals else None,
             "eval_loss": evals[-1].get("eval_loss") if evals else None,
+            "predicted": evals[-1].get("predicted") if evals else None,
             "final_train_loss": train[-1]["loss"] if train else None,
             "steps": train[-1]["step"] if train else 0,
             "skipped_steps": sum(1 for r in train if r.get("skipped")),

@@ -22,6 +22,7 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
 OPTIMIZERS = ("sgd", "adamw")
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
+COLLAPSED_SHARE = 0.9  # a cell that gave one answer this often is reported as collapsed
 
 
 def fmt_acc(value: Optional[float]) -> str:
@@ -70,7 +71,22 @@ def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], di
         robust = max(keys, key=lambda k: min(summary[k].values()))
         notes.append(f"- {opt}: highest mean accuracy: {best[1]} ({fmt_acc(mean(summary[best].values()))}); "
                      f"highest worst-case accuracy: {robust[1]} ({fmt_acc(min(summary[robust].values()))})")
+    collapsed = [f"{r['optimizer']} {r['method']} lr {r['lr']:g} seed {r['seed']} ({letter} {100 * share:.0f}%)"
+                 for r in results for letter, share in [dominant_answer(r)] if share >= COLLAPSED_SHARE]
+    if collapsed:
+        notes.append(f"- collapsed onto one answer (>= {100 * COLLAPSED_SHARE:.0f}% of the questions): "
+                     + "; ".join(collapsed))
     return "\n\n".join(tables), notes, summary
+
+
+def dominant_answer(result: dict) -> tuple[str, float]:
+    """The choice the final evaluation gave most often and its share of the answers ("", 0 if not recorded)."""
+    predicted = result.get("predicted") or {}
+    total = sum(predicted.values())
+    if not total:
+        return "", 0.0
+    letter = max(predicted, key=predicted.get)
+    return letter, predicted[letter] / total
 
 
 def eval_loss_table(results: list[dict]) -> str:

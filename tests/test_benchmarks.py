@@ -93,7 +93,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
         (out / cell.name).mkdir(parents=True)
         record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
-                  "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0}
+                  "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0,
+                  "predicted": {"A": 19, "B": 1, "C": 0, "D": 0} if i == 1 else {"A": 5, "B": 5, "C": 5, "D": 5}}
         (out / cell.name / quality.RESULT_FILE).write_text(__import__("json").dumps(record))
         evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25}, {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
         (out / cell.name / "metrics.jsonl").write_text("".join(__import__("json").dumps(e) + "\n" for e in evals))
@@ -109,6 +110,9 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     # three methods per optimizer in the accuracy and eval-loss tables, then one row per finished cell
     assert text.count("| sgd |") == 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 5
     assert "1 of 2 rates finished" in text
+    collapsed = cells[1]
+    assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} {collapsed.method} "
+            f"lr {collapsed.lr:g} seed 1 (A 95%)\n") in text
     assert "| sgd | plain | 1.000 | 1.030 |" in text
     assert "| optimizer | method | lr | seed | step 2 | step 4 |" in text  # accuracy during training, per cell
     assert "| sgd | plain | 0.01 | 1 | 25.0 | 30.0 |" in text and text.count("| 25.0 |") == 11
