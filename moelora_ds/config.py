@@ -112,7 +112,7 @@ class TrainLoopConfig:
     """Global gradient-norm clip (of the preconditioned gradient); 0 disables it. With riemannian_sgd
     prefer 0: A's preconditioned gradient grows like 1/norm(B) while B is small, dominates the global norm,
     and the clip then shrinks every update (quiz, lr 5e-3, 80 steps: eval loss 3.86 clipped vs 0.78
-    unclipped; plain SGD 0.72 either way; benchmarks/RESULTS.md, benchmark 4)."""
+    unclipped; plain SGD 0.72 either way; benchmarks/RESULTS.md, benchmark 4); the trainer warns then."""
     seed: int = 42
     """Seeds adapter initialisation, data order and dropout."""
     output_dir: str = "outputs/run"
