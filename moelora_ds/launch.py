@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, NoReturn, Optional, Sequence
 
-from moelora_ds.slurm_nodelist import expand_nodelist, expand_tasks_per_node
+from .slurm_nodelist import expand_nodelist, expand_tasks_per_node
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What torch.distributed's env:// rendezvous needs (the deepspeed launcher and torchrun set all of them)."""

@@ -6,6 +6,7 @@ that `python benchmarks/X.py --smoke` still works and writes its results section
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,9 +96,19 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
                   "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0,
                   "predicted": {"A": 19, "B": 1, "C": 0, "D": 0} if i == 1 else {"A": 5, "B": 5, "C": 5, "D": 5}}
-        (out / cell.name / quality.RESULT_FILE).write_text(__import__("json").dumps(record))
-        evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25}, {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
-        (out / cell.name / "metrics.jsonl").write_text("".join(__import__("json").dumps(e) + "\n" for e in evals))
+        (out / cell.name / quality.RESULT_FILE).write_text(json.dumps(record))
+        evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25},
+                 {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
+        (out / cell.name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+
+    trained = tmp_path / "trained"  # a result record as the driver builds it from a cell's metrics.jsonl
+    trained.mkdir()
+    final = {"step": 4, "eval_loss": 1.2, "accuracy": 0.5, "predicted": {"A": 7, "B": 1, "C": 0, "D": 0}}
+    step = {"step": 4, "loss": 1.3, "lr": 0.1, "tokens_per_s": 9.0}
+    (trained / "metrics.jsonl").write_text(json.dumps(step) + "\n" + json.dumps(final) + "\n")
+    record = quality.result_from_metrics(cells[0], trained, 0, 1.0)
+    assert (record["accuracy"], record["eval_loss"], record["predicted"], record["steps"]) == (0.5, 1.2,
+                                                                                              final["predicted"], 4)
 
     class Args:  # a finished cell is never retrained
         out_dir = out

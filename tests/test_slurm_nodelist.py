@@ -1,4 +1,4 @@
-"""SLURM's compressed host and tasks-per-node lists (tests/test_slurm.py checks them against scontrol too)."""
+"""SLURM's compressed host and tasks-per-node lists (tests/test_slurm.py also checks host lists against scontrol)."""
 
 from __future__ import annotations
 
