@@ -268,6 +268,17 @@ def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path,
 
 
 @pytest.mark.distributed
+def test_riemannian_sgd_with_clipping_warns_at_start(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+    """The start-up advisory reaches the user's console once (rank 0), and the run still trains."""
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": "riemannian_sgd", "lr": 0.1})
+    config["train"].update(max_steps=1, grad_clip=1.0)
+    result = launch(config, tmp_path, subprocess_env)
+    output = result.stdout + result.stderr
+    assert output.count("train.grad_clip=1 with optimizer.name=riemannian_sgd") == 1, output[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "out") if "loss" in r] == [1]
+
+
+@pytest.mark.distributed
 def test_zero0_bf16_first_adam_step_is_step_one(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
     """DeepSpeed's ZeRO-0 bf16 wrapper steps the optimizer once on zero gradients at start-up; the trainer undoes
     it, so after one training step Adam has counted one step and moved the zero-initialised B factors by lr (its
