@@ -162,8 +162,8 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
             for i, p in zip(chunk, predictions):
                 correct += choices[p] == split[i][1]
                 predicted[p] += 1
-    correct, total, *predicted = _all_sum([float(correct), float(len(mine)), *map(float, predicted)], device,
-                                          world_size)
+    correct, *predicted = _all_sum([float(correct), *map(float, predicted)], device, world_size)
+    total = sum(predicted)  # every scored record has exactly one prediction
     return {"accuracy": correct / total, "correct": int(correct), "total": int(total),
             "predicted": {choice: int(n) for choice, n in zip(choices, predicted)}}
 
