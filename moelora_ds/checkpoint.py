@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
+CHECKPOINTS = "checkpoints"  # OUTPUT_DIR/checkpoints/<tag>/
 RUN_FILE = "moelora_run.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -103,12 +106,14 @@ def resolve_resume(root: Path, resume: str) -> Optional[tuple[Path, str]]:
             return None
         tag = latest.read_text().strip()
         if not (root / tag / RUN_FILE).is_file():
-            raise FileNotFoundError(f"{latest} names checkpoint {tag!r} but {root / tag / RUN_FILE} is missing: "
-                                    f"the checkpoint is incomplete or was moved")
+            raise ConfigError(f"train.resume: auto, but {latest} names checkpoint {tag!r} and "
+                              f"{root / tag / RUN_FILE} is missing (incomplete or moved); resume from another "
+                              f"tag with train.resume=DIR, or start over with train.resume=never")
         return root, tag
     path = Path(resume)
     if not (path / RUN_FILE).is_file():
-        raise FileNotFoundError(f"train.resume: {path} is not a moelora-ds checkpoint (no {RUN_FILE})")
+        raise ConfigError(f"train.resume: {path} is not a moelora-ds checkpoint directory (no {RUN_FILE}); "
+                          f"expected auto, never or a directory like OUTPUT_DIR/checkpoints/step_100")
     return path.parent, path.name
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import LATEST, RUN_FILE, TMP_PREFIX
+from .checkpoint import CHECKPOINTS, LATEST, RUN_FILE, TMP_PREFIX
 from .inject import find_target_linears
 from .merge import ADAPTER_TENSORS, adapter_mismatches, expected_adapters
 from .moelora_config import MoELoRAConfig
@@ -55,7 +55,7 @@ def resolve_checkpoint_dir(checkpoint: Path, tag: Optional[str] = None) -> Path:
     """
     if tag is None and (checkpoint / RUN_FILE).is_file():
         return checkpoint
-    root = checkpoint / "checkpoints"
+    root = checkpoint / CHECKPOINTS
     if not root.is_dir():
         raise CheckpointError(f"{checkpoint}: no checkpoints/ directory (expected a training run's output_dir)")
     if tag is None:

@@ -87,7 +87,7 @@ class Trainer:
         self.device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
         self.ds_config = build_deepspeed_config(config, self.world_size)
         self.output_dir = Path(config.train.output_dir)
-        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.checkpoint_root = self.output_dir / ckpt.CHECKPOINTS
         seed_everything(config.train.seed)
 
         self.model_dir = local_model_dir(config.model, is_converter=_local_rank() == 0, barrier=dist.barrier)

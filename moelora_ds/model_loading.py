@@ -38,7 +38,8 @@ def _gguf_path(config: ModelConfig) -> Path:
     base = resolve_model_dir(config.name_or_path)
     path = Path(config.gguf_file) if Path(config.gguf_file).is_absolute() else base / config.gguf_file
     if not path.is_file():
-        raise ConfigError(f"model.gguf_file: {path} not found")
+        raise ConfigError(f"model.gguf_file: {path} not found (for a Hugging Face model directory set "
+                          f"model.gguf_file: null)")
     return path
 
 

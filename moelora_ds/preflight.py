@@ -8,8 +8,11 @@ built on the meta device: no weights are read and no memory is allocated.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from .checkpoint import CHECKPOINTS, resolve_resume
 from .config import ConfigError, RunConfig
 from .ds_config import build_deepspeed_config
 from .inject import find_target_linears
@@ -48,7 +51,17 @@ def check_target_modules(config: RunConfig) -> list[str]:
         raise ConfigError(f"{config.source}: {error}") from None
 
 
+def check_resume(config: RunConfig) -> None:
+    """train.resume names a checkpoint that is there (auto: the one `latest` names, if any)."""
+    try:
+        resolve_resume(Path(config.train.output_dir) / CHECKPOINTS, config.train.resume)
+    except ConfigError as error:
+        raise ConfigError(f"{config.source}: {error}") from None
+
+
 def preflight(config: RunConfig) -> None:
-    """Every check that needs no process group: the DeepSpeed config agrees, target_modules match the model."""
+    """Every check that needs no process group: the DeepSpeed config agrees, target_modules match the model,
+    the checkpoint to resume from exists."""
     build_deepspeed_config(config)
     check_target_modules(config)
+    check_resume(config)

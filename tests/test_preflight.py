@@ -75,6 +75,14 @@ def _ds_contradiction(tmp_path) -> tuple[dict, str]:
     return {"deepspeed": str(ds)}, rf"{ds}: 'gradient_accumulation_steps' is 8 but {{file}}: train\.grad_accum"
 
 
+def _latest_names_a_missing_checkpoint(tmp_path) -> tuple[dict, str]:
+    checkpoints = tmp_path / "out" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest").write_text("step_7")
+    return {"train": {"resume": "auto"}}, (r"{file}: train\.resume: auto, but .*latest names checkpoint 'step_7' "
+                                           r"and .*step_7/moelora_run\.json is missing")
+
+
 LAUNCH_CASES = {
     "unknown key": (lambda tmp_path: ({"train": {"max_step": 3}},
                                       r"{file}: unknown key 'train\.max_step' \(did you mean 'max_steps'\?\)")),
@@ -88,6 +96,10 @@ LAUNCH_CASES = {
                                                           r"{file}: moelora\.target_modules: \['qkv_proj'\] match "
                                                           r"no nn\.Linear in LlamaForCausalLM")),
     "DeepSpeed config contradiction": _ds_contradiction,
+    "resume from a directory that is no checkpoint": (
+        lambda tmp_path: ({"train": {"resume": str(tmp_path / "out" / "checkpoints" / "step_9")}},
+                          r"{file}: train\.resume: .*step_9 is not a moelora-ds checkpoint directory")),
+    "resume auto when latest names a missing checkpoint": _latest_names_a_missing_checkpoint,
 }
 """Case -> (config sections to change, message pattern; `{file}` stands for the configuration file)."""
 
@@ -101,7 +113,8 @@ def case_config(case: str, tiny_model_dir, tiny_mc_data, tmp_path) -> tuple[dict
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["unknown key", "target_modules matching nothing", "DeepSpeed config contradiction"])
+@pytest.mark.parametrize("case", ["unknown key", "target_modules matching nothing", "DeepSpeed config contradiction",
+                                  "resume from a directory that is no checkpoint"])
 def test_launcher_exits_fast_with_one_message_per_rank(case, tiny_model_dir, tiny_mc_data, tmp_path,
                                                        subprocess_env):
     config, message = case_config(case, tiny_model_dir, tiny_mc_data, tmp_path)
