@@ -41,7 +41,7 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["riemannian_adamw", "riemannian_sgd", "adamw", "sgd"] = "riemannian_adamw"
-    """riemannian_* precondition every expert's A/B gradient (METHOD.md section 2); adamw/sgd do not."""
+    """riemannian_* precondition every expert's A/B gradient (docs/METHOD.md section 2); adamw/sgd do not."""
     lr: float = 2e-3
     """Learning rate of the expert factors."""
     reg: float = 1e-6

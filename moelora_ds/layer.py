@@ -51,7 +51,7 @@ class _RoutedExperts(torch.autograd.Function):
     """`base_out + s * sum_e g_e B_e h_e` for all experts at once, with the gate rescaling's gradients.
 
     h (tokens, E, r) is every expert's rank-space activation A_e dropout(x), gates (tokens, E) the routing
-    weights, lora_B (E, out, r). The value is the plainly gated sum. Gradients (METHOD.md section 1): with
+    weights, lora_B (E, out, r). The value is the plainly gated sum. Gradients (docs/METHOD.md section 1): with
     `sqrt_rescale`, h and B_e learn from sqrt(g_e) B_e h_e instead of g_e B_e h_e (the paper's
     `w_e = sqrt(g_e) out_e + (g_e - sqrt(g_e)) out_e.detach()`), while the gates get their plain gradient
     <grad, s B_e h_e>; without it, plain gating. Everything stays in rank space: the experts are one
@@ -69,7 +69,7 @@ class _RoutedExperts(torch.autograd.Function):
         # The gates expanded to h's shape once: on CPU, products with a (tokens, E, 1) broadcast operand run
         # 3-7x slower than same-shape ones, and forward and backward need three of them.
         g = gates.to(h.dtype).unsqueeze(-1).expand(tokens, num_experts, rank).contiguous()
-        weight = g.sqrt() if sqrt_rescale else g  # what h and B learn through (METHOD.md section 1)
+        weight = g.sqrt() if sqrt_rescale else g  # what h and B learn through (docs/METHOD.md section 1)
         ctx.save_for_backward(h, weight, B_cat)
         ctx.scaling, ctx.gates_dtype, ctx.B_dtype = scaling, gates.dtype, lora_B.dtype
         v = (g * h).view(tokens, num_experts * rank)

@@ -10,7 +10,7 @@ GateRescale = Literal["sqrt", "none"]
 
 @dataclass
 class MoELoRAConfig:
-    """Mixture-of-LoRA-experts adapter configuration (see METHOD.md section 1)."""
+    """Mixture-of-LoRA-experts adapter configuration (see docs/METHOD.md section 1)."""
 
     num_experts: int = 4
     """E: experts per adapted layer."""

@@ -1,9 +1,9 @@
 """Riemannian preconditioning of the expert factors, applied to gradients inside backward.
 
 For every expert e with damping delta:  grad_A <- (B^T B + delta I)^-1 grad_A,
-grad_B <- grad_B (A A^T + delta I)^-1  (METHOD.md section 2). It acts on each rank's local gradient
+grad_B <- grad_B (A A^T + delta I)^-1  (docs/METHOD.md section 2). It acts on each rank's local gradient
 before DeepSpeed reduces or partitions it, which is exact because the map is linear in the gradient
-and its r x r Gram matrices come from parameters identical on every rank (METHOD.md section 3).
+and its r x r Gram matrices come from parameters identical on every rank (docs/METHOD.md section 3).
 """
 
 from __future__ import annotations

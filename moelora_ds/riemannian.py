@@ -36,13 +36,13 @@ def adapter_param_groups(model: nn.Module, *, lr: float, router_lr: Optional[flo
 def create_riemannian_optimizer(model: nn.Module, optimizer_cls: type[torch.optim.Optimizer], *, lr: float,
                                 reg: float = 1e-6, router_lr: Optional[float] = None,
                                 **kwargs: Any) -> torch.optim.Optimizer:
-    """An `optimizer_cls` whose expert A/B gradients arrive Riemannian-preconditioned (METHOD.md section 2).
+    """An `optimizer_cls` whose expert A/B gradients arrive Riemannian-preconditioned (docs/METHOD.md section 2).
 
     `torch.optim.AdamW` gives scaled AdamW (Adam's moments see the preconditioned gradient),
     `torch.optim.SGD` scaled GD; routers and other trainable parameters are not preconditioned and use
     `router_lr` if given. The preconditioner runs inside backward, on each rank's local gradient, so the
     returned object is an ordinary `optimizer_cls` that DeepSpeed may wrap, partition or offload at
-    any ZeRO stage (METHOD.md section 3). Gradient clipping therefore clips the preconditioned gradient.
+    any ZeRO stage (docs/METHOD.md section 3). Gradient clipping therefore clips the preconditioned gradient.
     """
     set_preconditioning(model, reg)
     return optimizer_cls(adapter_param_groups(model, lr=lr, router_lr=router_lr), lr=lr, **kwargs)

@@ -1,4 +1,4 @@
-"""MoELoRALinear against a plain per-expert reference written from METHOD.md section 1."""
+"""MoELoRALinear against a plain per-expert reference written from docs/METHOD.md section 1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The in-backward Riemannian preconditioner against the explicit formulas of METHOD.md section 2."""
+"""The in-backward Riemannian preconditioner against the explicit formulas of docs/METHOD.md section 2."""
 
 from __future__ import annotations
 
