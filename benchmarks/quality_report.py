@@ -133,11 +133,12 @@ def plot(summary: dict, path: Path, chance: float) -> None:
     optimizers = [opt for opt in OPTIMIZERS if any(k[0] == opt for k in summary)]
     fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.2), squeeze=False)
     for ax, opt in zip(axes[0], optimizers):
-        for method, marker in zip(METHODS, "osD"):
+        for method, marker, color in zip(METHODS, "osD", ("C0", "C1", "C2")):  # one colour per method in every plot
             accs = summary.get((opt, method))
             if accs:
-                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, label=method)
+                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, color=color, label=method)
         ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
+        ax.set_ylim(0, 100)  # the same scale everywhere: a few points around chance must not look like a trend
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final eval accuracy (%)")
