@@ -133,7 +133,9 @@ def main() -> None:
         mode, model_dir, shard = args.child
         print(json.dumps(measure(mode, Path(model_dir), shard, args.num_experts, args.rank)))
         return
-    if not args.smoke and args.results is None and args.plot is None:
+    if args.smoke:
+        args.max_shard_size = args.max_shard_size[:1]
+    elif args.results is None and args.plot is None:
         args.results, args.plot = BENCH_DIR / "RESULTS.md", BENCH_DIR / "export_memory.png"
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -96,8 +96,10 @@ def list_checkpoints(root: Path) -> list[str]:
     return sorted(tags, key=lambda t: json.loads((root / t / RUN_FILE).read_text())["step"])
 
 
-def resolve_resume(root: Path, resume: str) -> Optional[tuple[Path, str]]:
-    """(checkpoint root, tag) to resume from, or None to start fresh. `resume`: auto | never | a tag directory."""
+def resolve_resume(root: Path, resume: str, source: str) -> Optional[tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from, or None to start fresh. `resume`: auto | never | a tag directory.
+
+    A `resume` that names no complete checkpoint is a ConfigError prefixed with `source` (the config file)."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -106,13 +108,14 @@ def resolve_resume(root: Path, resume: str) -> Optional[tuple[Path, str]]:
             return None
         tag = latest.read_text().strip()
         if not (root / tag / RUN_FILE).is_file():
-            raise ConfigError(f"train.resume: auto, but {latest} names checkpoint {tag!r} and "
-                              f"{root / tag / RUN_FILE} is missing (incomplete or moved); resume from another "
-                              f"tag with train.resume=DIR, or start over with train.resume=never")
+            raise ConfigError(f"{source}: train.resume: auto, but {latest} names checkpoint {tag!r} and "
+                              f"{root / tag / RUN_FILE} is missing (incomplete or moved); complete checkpoints: "
+                              f"{list_checkpoints(root) or 'none'}. Resume from one with --train.resume=DIR, or "
+                              f"start over in a new train.output_dir")
         return root, tag
     path = Path(resume)
     if not (path / RUN_FILE).is_file():
-        raise ConfigError(f"train.resume: {path} is not a moelora-ds checkpoint directory (no {RUN_FILE}); "
+        raise ConfigError(f"{source}: train.resume: {path} is not a moelora-ds checkpoint directory (no {RUN_FILE}); "
                           f"expected auto, never or a directory like OUTPUT_DIR/checkpoints/step_100")
     return path.parent, path.name
 

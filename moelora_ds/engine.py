@@ -94,7 +94,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.batches = self._batches_or_error_on_every_rank()
         self.total_steps = self._total_steps()
-        self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume)
+        self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume, config.source)
         self.universal = self.resume_point is not None and needs_universal(
             ckpt.read_run_info(self._resume_dir()), config, self.world_size, self._resume_dir())
         if self.universal:

@@ -1,4 +1,5 @@
-"""Checks of a run's configuration against its DeepSpeed config and its base model, before any rank loads the model.
+"""Checks of a run's configuration against its DeepSpeed config, its base model and the checkpoint it resumes
+from, before any rank loads the model.
 
 `preflight(config)` runs in every rank's process before the process group exists (cli.train_main), so a
 mistake fails every rank at once, within seconds, with a ConfigError naming the file and key, instead of
@@ -53,10 +54,7 @@ def check_target_modules(config: RunConfig) -> list[str]:
 
 def check_resume(config: RunConfig) -> None:
     """train.resume names a checkpoint that is there (auto: the one `latest` names, if any)."""
-    try:
-        resolve_resume(Path(config.train.output_dir) / CHECKPOINTS, config.train.resume)
-    except ConfigError as error:
-        raise ConfigError(f"{config.source}: {error}") from None
+    resolve_resume(Path(config.train.output_dir) / CHECKPOINTS, config.train.resume, config.source)
 
 
 def preflight(config: RunConfig) -> None:

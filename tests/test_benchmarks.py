@@ -21,7 +21,7 @@ SCRIPTS = {
     "layer.py": ("| in=out | tokens | E | routing | dtype | base ms | moe ms |", 4, "layer"),
     "optimizer.py": ("| dtype | tokens | layers | adamw ms/step | riemannian ms/step |", 2, "optimizer"),
     "step_profile.py": ("| trainer | CPU ms/step | tokens/s (CPU time) | vs frozen |", 3, "step_profile"),
-    "export_memory.py": ("| mode | max shard | shards | largest shard MiB |", 4, "export_memory"),
+    "export_memory.py": ("| mode | max shard | shards | largest shard MiB |", 2, "export_memory"),
 }
 
 
