@@ -207,6 +207,18 @@ def save_figure(fig, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+TINY_LLAMA_NAME = "tiny random Llama (hidden 64, 2 layers)"
+
+
+def tiny_llama():
+    """The --smoke model of the benchmarks: a tiny random LlamaForCausalLM (seed 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -25,7 +25,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import BENCH_DIR, command_line, machine_lines, markdown_table, save_figure, update_results  # noqa: E402
+from bench_utils import (BENCH_DIR, TINY_LLAMA_NAME, command_line, machine_lines, markdown_table,  # noqa: E402
+                         save_figure, tiny_llama, update_results)
 
 MODES = ("streaming", "whole")
 HEADER = ["mode", "max shard", "shards", "largest shard MiB", "RSS before MiB", "peak RSS MiB", "export peak MiB", "s"]
@@ -80,14 +81,8 @@ def measure(mode: str, model_dir: Path, max_shard_size: str, num_experts: int, r
 
 
 def tiny_model_dir(root: Path) -> Path:
-    """A tiny random Llama saved as safetensors (the --smoke model)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
+    """The --smoke model saved as safetensors."""
+    tiny_llama().save_pretrained(root / "tiny-llama")
     return root / "tiny-llama"
 
 
@@ -140,7 +135,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.smoke:
-            model_dir, model_name = tiny_model_dir(Path(scratch)), "tiny random Llama (hidden 64, 2 layers)"
+            model_dir, model_name = tiny_model_dir(Path(scratch)), TINY_LLAMA_NAME
         else:
             from moelora_ds.config import ModelConfig
             from moelora_ds.model_loading import local_model_dir

@@ -26,8 +26,9 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, command_line, fmt_ms, fmt_ratio, interleaved_times, machine_lines,  # noqa: E402
-                         markdown_table, paired_ratios, quantiles, save_figure, update_results)
+from bench_utils import (BENCH_DIR, TINY_LLAMA_NAME, command_line, fmt_ms, fmt_ratio,  # noqa: E402
+                         interleaved_times, machine_lines, markdown_table, paired_ratios, quantiles, save_figure,
+                         tiny_llama, update_results)
 
 from moelora_ds.inject import inject_moelora, moelora_layers  # noqa: E402
 from moelora_ds.moelora_config import MoELoRAConfig  # noqa: E402
@@ -42,14 +43,9 @@ TARGET = 0.05
 def load_model(dtype: str, smoke: bool):
     """The frozen base causal LM: SmolLM2-135M (de-quantised cache), or a tiny random Llama under --smoke."""
     if smoke:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        model = LlamaForCausalLM(config).to(DTYPES[dtype]).requires_grad_(False)
+        model = tiny_llama().to(DTYPES[dtype]).requires_grad_(False)
         model.config.use_cache = False
-        return model, "tiny random Llama (hidden 64, 2 layers)"
+        return model, TINY_LLAMA_NAME
     from moelora_ds.config import ModelConfig
     from moelora_ds.model_loading import load_base_model, local_model_dir
 
