@@ -25,8 +25,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, TINY_LLAMA_NAME, command_line, machine_lines, markdown_table,  # noqa: E402
-                         save_figure, tiny_llama, update_results)
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    TINY_LLAMA_NAME,
+    command_line,
+    machine_lines,
+    markdown_table,
+    save_figure,
+    tiny_llama,
+    update_results,
+)
 
 MODES = ("streaming", "whole")
 HEADER = ["mode", "max shard", "shards", "largest shard MiB", "RSS before MiB", "peak RSS MiB", "export peak MiB", "s"]
@@ -45,11 +53,11 @@ def measure(mode: str, model_dir: Path, max_shard_size: str, num_experts: int, r
     """One export in this process; returns its memory figures."""
     import torch
 
-    from moelora_ds.checkpoint_adapters import expected_layers
-    from moelora_ds.export import export_merged
-    from moelora_ds.merge import expected_adapters
-    from moelora_ds.moelora_config import MoELoRAConfig
-    from moelora_ds.safetensors_stream import parse_size
+    from moelora_ds.adapters.config import MoELoRAConfig
+    from moelora_ds.adapters.io import expected_adapters
+    from moelora_ds.checkpoints.adapters import expected_layers
+    from moelora_ds.export.exporter import export_merged
+    from moelora_ds.export.safetensors_stream import parse_size
 
     config = MoELoRAConfig(num_experts=num_experts, rank=rank)
     generator = torch.Generator().manual_seed(0)
@@ -63,7 +71,7 @@ def measure(mode: str, model_dir: Path, max_shard_size: str, num_experts: int, r
         else:
             from transformers import AutoModelForCausalLM
 
-            from moelora_ds.inject import adapter_parameters, inject_moelora
+            from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
 
             model = inject_moelora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), config)
             with torch.no_grad():

@@ -27,11 +27,23 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, calibrate_inner, command_line, fmt_ms, fmt_ratio, interleaved_times,  # noqa: E402
-                         machine_lines, markdown_table, paired_ratios, quantiles, save_figure, update_results)
+from moelora_ds.adapters.config import MoELoRAConfig  # noqa: E402
+from moelora_ds.adapters.layer import MoELoRALinear  # noqa: E402
 
-from moelora_ds.layer import MoELoRALinear  # noqa: E402
-from moelora_ds.moelora_config import MoELoRAConfig  # noqa: E402
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    calibrate_inner,
+    command_line,
+    fmt_ms,
+    fmt_ratio,
+    interleaved_times,
+    machine_lines,
+    markdown_table,
+    paired_ratios,
+    quantiles,
+    save_figure,
+    update_results,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANK, ALPHA, DROPOUT, TOP_K = 8, 16.0, 0.05, 2

@@ -26,14 +26,26 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, TINY_LLAMA_NAME, command_line, fmt_ms, fmt_ratio,  # noqa: E402
-                         interleaved_times, machine_lines, markdown_table, paired_ratios, quantiles, save_figure,
-                         tiny_llama, update_results)
+from moelora_ds.adapters.config import MoELoRAConfig  # noqa: E402
+from moelora_ds.adapters.inject import inject_moelora, moelora_layers  # noqa: E402
+from moelora_ds.adapters.optimizer import adapter_param_groups, create_riemannian_optimizer, set_preconditioning  # noqa: E402
+from moelora_ds.adapters.preconditioner import precondition_factors  # noqa: E402
 
-from moelora_ds.inject import inject_moelora, moelora_layers  # noqa: E402
-from moelora_ds.moelora_config import MoELoRAConfig  # noqa: E402
-from moelora_ds.preconditioner import precondition_factors  # noqa: E402
-from moelora_ds.riemannian import adapter_param_groups, create_riemannian_optimizer, set_preconditioning  # noqa: E402
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    TINY_LLAMA_NAME,
+    command_line,
+    fmt_ms,
+    fmt_ratio,
+    interleaved_times,
+    machine_lines,
+    markdown_table,
+    paired_ratios,
+    quantiles,
+    save_figure,
+    tiny_llama,
+    update_results,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REG, LR = 1e-6, 1e-5

@@ -68,10 +68,11 @@ def main(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from moelora_ds.config import load_config
-    from moelora_ds.data import ShardedBatches, load_records, tokenize_as_configured
+    from moelora_ds.data.batches import ShardedBatches
+    from moelora_ds.data.records import load_records, tokenize_as_configured
+    from moelora_ds.distributed.process_group import init_distributed
     from moelora_ds.ds_config import build_deepspeed_config
     from moelora_ds.engine import seed_everything
-    from moelora_ds.launch import init_distributed
     from moelora_ds.lm_loss import causal_lm_loss
     from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
     from moelora_ds.optim_factory import scheduler_factory
@@ -144,6 +145,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from moelora_ds.launch import end_rank_process
+    from moelora_ds.distributed.process_group import end_rank_process
 
     end_rank_process(main())

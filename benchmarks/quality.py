@@ -14,7 +14,7 @@ started detached with --background. `--report` (quality_report.py) reads the res
 table (accuracy per cell; mean, worst and best-minus-worst over the sweep per method) into the `quality`
 section of benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
 
-Data: the WordNet definition quiz, `python -m moelora_ds.wordnet --out data/wordnet --seed 0`.
+Data: the WordNet definition quiz, `python -m moelora_ds.data.wordnet --out data/wordnet --seed 0`.
 
 Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, detached; log in OUT/driver.log)
       (the AdamW sweep in RESULTS.md, on a 2-core CPU: --optimizers adamw --adamw-rates 2e-3 1e-2 5e-4 1e-4
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_report import METHODS, OPTIMIZERS, RESULT_FILE, SWEEP_FILE, fmt_acc, sweep_settings, write_report  # noqa: E402
+
 from bench_utils import BENCH_DIR, REPO_ROOT, free_port, launch_env  # noqa: E402
-from quality_report import (METHODS, OPTIMIZERS, RESULT_FILE, SWEEP_FILE, fmt_acc,  # noqa: E402
-                            sweep_settings, write_report)
 
 DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
@@ -275,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         train_path = Path(load_config(config).data.train_path)
         if not (train_path if train_path.is_absolute() else REPO_ROOT / train_path).exists():
             raise SystemExit(f"{train_path} not found; build the WordNet quiz first: "
-                             f"python -m moelora_ds.wordnet --out data/wordnet --seed 0")
+                             f"python -m moelora_ds.data.wordnet --out data/wordnet --seed 0")
         rates = {opt: args.rates or getattr(args, f"{opt}_rates") for opt in OPTIMIZERS}
         base = ["--train.save_every=0", "--train.eval_every=0",
                 "--train.resume=never", "--train.nonfinite=skip", *extra]

@@ -29,15 +29,27 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, REPO_ROOT, command_line, fmt_ms, fmt_ratio, interleaved_times,  # noqa: E402
-                         machine_lines, markdown_table, paired_ratios, save_figure, update_results)
 from optimizer import load_model  # noqa: E402
 from peft_lora_train import add_peft_lora, add_trainable_scalar  # noqa: E402
 
+from moelora_ds.adapters.inject import inject_moelora, router_aux_loss  # noqa: E402
+from moelora_ds.adapters.optimizer import create_riemannian_optimizer  # noqa: E402
 from moelora_ds.config import load_config  # noqa: E402
-from moelora_ds.inject import inject_moelora, router_aux_loss  # noqa: E402
 from moelora_ds.lm_loss import causal_lm_loss  # noqa: E402
-from moelora_ds.riemannian import create_riemannian_optimizer  # noqa: E402
+
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    REPO_ROOT,
+    command_line,
+    fmt_ms,
+    fmt_ratio,
+    interleaved_times,
+    machine_lines,
+    markdown_table,
+    paired_ratios,
+    save_figure,
+    update_results,
+)
 
 TRAINERS = ("moelora", "peft", "frozen")
 PHASES = ("forward", "backward", "optimizer")
@@ -46,7 +58,8 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::bad
 
 def quiz_batch(config, micro_batch_size: int) -> dict[str, torch.Tensor]:
     """The first micro-batch rank 0 of a 2-rank run trains on (real tokens, padding and labels)."""
-    from moelora_ds.data import ShardedBatches, load_records, tokenize_as_configured
+    from moelora_ds.data.batches import ShardedBatches
+    from moelora_ds.data.records import load_records, tokenize_as_configured
     from moelora_ds.model_loading import load_tokenizer, local_model_dir
 
     tokenizer = load_tokenizer(local_model_dir(config.model))

@@ -38,8 +38,16 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import (BENCH_DIR, REPO_ROOT, command_line, free_port, launch_env, machine_lines,  # noqa: E402
-                         markdown_table, update_results)
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    REPO_ROOT,
+    command_line,
+    free_port,
+    launch_env,
+    machine_lines,
+    markdown_table,
+    update_results,
+)
 
 DEFAULT_CONFIG = REPO_ROOT / "launcher" / "configs" / "quickstart.yaml"
 TRAIN_SCRIPT = REPO_ROOT / "launcher" / "train.py"
@@ -136,8 +144,8 @@ def model_shape(config_path: Path, overrides: list[str]) -> tuple[ModelShape, ob
     from torch import nn
     from transformers import AutoModelForCausalLM
 
+    from moelora_ds.adapters.inject import find_target_linears
     from moelora_ds.config import load_config
-    from moelora_ds.inject import find_target_linears
     from moelora_ds.preflight import base_model_config
 
     config = load_config(config_path, overrides)
@@ -312,7 +320,7 @@ def report(args, runs: list[Run], shape: ModelShape, run_config, peak: float, lo
 
 def mean_tokens_per_sample(run_config) -> float:
     """Mean tokens per training sample (after truncation), what the attention FLOPs depend on."""
-    from moelora_ds.data import load_records, tokenize_as_configured
+    from moelora_ds.data.records import load_records, tokenize_as_configured
     from moelora_ds.model_loading import load_tokenizer, local_model_dir
 
     data = run_config.data

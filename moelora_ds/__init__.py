@@ -1,10 +1,10 @@
 """moelora-ds: mixture-of-LoRA-experts adapters with Riemannian preconditioning, trained under DeepSpeed."""
 
-from .adapter import load_adapter
-from .inject import adapter_parameters, inject_moelora, moelora_layers, router_aux_loss
-from .layer import MoELoRALinear
-from .moelora_config import MoELoRAConfig
-from .riemannian import create_riemannian_optimizer, set_preconditioning
+from moelora_ds.adapters.config import MoELoRAConfig
+from moelora_ds.adapters.inject import adapter_parameters, inject_moelora, moelora_layers, router_aux_loss
+from moelora_ds.adapters.io import load_adapter
+from moelora_ds.adapters.layer import MoELoRALinear
+from moelora_ds.adapters.optimizer import create_riemannian_optimizer, set_preconditioning
 
 __all__ = [
     "MoELoRAConfig",

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .config import ConfigError, load_config
-from .launch import end_rank_process, say
+from moelora_ds.config import ConfigError, load_config
+from moelora_ds.distributed.process_group import end_rank_process, say
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -26,15 +26,15 @@ def train_main(argv: list[str] | None = None) -> int:
     args, overrides = _train_parser().parse_known_args(argv)
     try:
         config = load_config(args.config, overrides)
-        from .preflight import preflight
+        from moelora_ds.preflight import preflight
 
         preflight(config)
     except ConfigError as error:
         say(f"moelora-train: configuration error: {error}", sys.stderr)
         return 2
-    from .data import DataError
-    from .engine import train
-    from .nonfinite import NonFiniteError
+    from moelora_ds.data.records import DataError
+    from moelora_ds.engine import train
+    from moelora_ds.nonfinite import NonFiniteError
 
     try:
         return train(config)
@@ -66,8 +66,8 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str] | None = None) -> int:
     args = _export_parser().parse_args(argv)
-    from .checkpoint_adapters import CheckpointError
-    from .export import ExportError, export_checkpoint
+    from moelora_ds.checkpoints.locate import CheckpointError
+    from moelora_ds.export.exporter import ExportError, export_checkpoint
 
     try:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out), mode=args.mode, tag=args.tag,
@@ -110,10 +110,10 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from .checkpoint_adapters import CheckpointError
-    from .eval_models import load_for_eval
-    from .evaluate import evaluate_run
-    from .launch import init_distributed
+    from moelora_ds.checkpoints.locate import CheckpointError
+    from moelora_ds.distributed.process_group import init_distributed
+    from moelora_ds.eval_models import load_for_eval
+    from moelora_ds.evaluate import evaluate_run
 
     rank, world_size = init_distributed()
     try:

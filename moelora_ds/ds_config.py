@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import REPO_ROOT, ConfigError, RunConfig
+from moelora_ds.config import REPO_ROOT, ConfigError, RunConfig
 
 
 def resolve_deepspeed_path(path: str) -> Path:

@@ -7,7 +7,6 @@ checkpoint; finally checkpoint, evaluate and tear down.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
@@ -22,20 +21,28 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from . import checkpoint as ckpt
-from .config import RunConfig, advisories, config_to_dict
-from .data import DataError, ShardedBatches, load_records, tokenize_as_configured
-from .ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from .evaluate import evaluate_run
-from .inject import inject_moelora, router_aux_loss
-from .lm_loss import causal_lm_loss
-from .launch import init_distributed
-from .metrics import MetricsLogger
-from .model_loading import load_base_model, load_tokenizer, local_model_dir
-from .nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
-from .optim_factory import build_optimizer, scheduler_factory, undo_state_initialization_step
-from .reshard import (UNIVERSAL_SCRATCH, convert_data_position, convert_to_universal, needs_universal,
-                      repair_universal_load, saved_units_per_batch)
+from moelora_ds.adapters.inject import inject_moelora, router_aux_loss
+from moelora_ds.checkpoints.locate import CHECKPOINTS, read_run_info
+from moelora_ds.checkpoints.reshard import (
+    UNIVERSAL_SCRATCH,
+    convert_data_position,
+    convert_to_universal,
+    repair_universal_load,
+    saved_units_per_batch,
+)
+from moelora_ds.checkpoints.save_load import load_checkpoint, save_checkpoint
+from moelora_ds.config import RunConfig, advisories, config_to_dict
+from moelora_ds.data.batches import ShardedBatches
+from moelora_ds.data.records import DataError, load_records, tokenize_as_configured
+from moelora_ds.distributed.process_group import all_sum, init_distributed, local_rank
+from moelora_ds.ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
+from moelora_ds.evaluate import evaluate_run
+from moelora_ds.lm_loss import causal_lm_loss
+from moelora_ds.metrics import MetricsLogger
+from moelora_ds.model_loading import load_base_model, load_tokenizer, local_model_dir
+from moelora_ds.nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
+from moelora_ds.optim_factory import build_optimizer, scheduler_factory, undo_state_initialization_step
+from moelora_ds.preflight import resume_needs_universal, resume_point
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75
 """Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
@@ -87,16 +94,16 @@ class Trainer:
         self.device = torch.device(get_accelerator().device_name(get_accelerator().current_device()))
         self.ds_config = build_deepspeed_config(config, self.world_size)
         self.output_dir = Path(config.train.output_dir)
-        self.checkpoint_root = self.output_dir / ckpt.CHECKPOINTS
+        self.checkpoint_root = self.output_dir / CHECKPOINTS
         seed_everything(config.train.seed)
 
-        self.model_dir = local_model_dir(config.model, is_converter=_local_rank() == 0, barrier=dist.barrier)
+        self.model_dir = local_model_dir(config.model, is_converter=local_rank() == 0, barrier=dist.barrier)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.batches = self._batches_or_error_on_every_rank()
         self.total_steps = self._total_steps()
-        self.resume_point = ckpt.resolve_resume(self.checkpoint_root, config.train.resume, config.source)
-        self.universal = self.resume_point is not None and needs_universal(
-            ckpt.read_run_info(self._resume_dir()), config, self.world_size, self._resume_dir())
+        self.resume_point = resume_point(config)
+        self.universal = self.resume_point is not None and resume_needs_universal(config, self._resume_dir(),
+                                                                                   self.world_size)
         if self.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -116,7 +123,7 @@ class Trainer:
             batches, failure = self._build_batches(), None
         except DataError as error:
             batches, failure = None, error
-        if self._all_sum([float(failure is not None)])[0]:
+        if all_sum([float(failure is not None)], self.device)[0]:
             raise failure or DataError(f"rank {self.rank}: another rank could not load its data (see its message)")
         return batches
 
@@ -165,11 +172,11 @@ class Trainer:
         if self.universal:
             client_state = self._load_universal(checkpoint_dir)
         else:
-            client_state = ckpt.load_checkpoint(self.engine, *self.resume_point)
+            client_state = load_checkpoint(self.engine, *self.resume_point)
         self.step = client_state["step"]
         units = self.config.train.micro_batch_size * self.world_size
         self.batches.load_state_dict(convert_data_position(
-            client_state["data"], saved_units_per_batch(ckpt.read_run_info(checkpoint_dir)), units))
+            client_state["data"], saved_units_per_batch(read_run_info(checkpoint_dir)), units))
         if self.rank == 0:
             print(f"[moelora-ds] resumed from {checkpoint_dir} at step {self.step}")
 
@@ -177,16 +184,16 @@ class Trainer:
         """Load a checkpoint written by another number of ranks via a universal conversion (reshard.py)."""
         failure = ""
         if self.rank == 0:
-            print(f"[moelora-ds] {checkpoint_dir} was written by {ckpt.read_run_info(checkpoint_dir)['world_size']} "
+            print(f"[moelora-ds] {checkpoint_dir} was written by {read_run_info(checkpoint_dir)['world_size']} "
                   f"ranks: converting it to a universal checkpoint for {self.world_size}", flush=True)
             try:
                 convert_to_universal(checkpoint_dir, self.checkpoint_root)
             except (OSError, RuntimeError) as error:
                 failure = str(error)
-        if self._all_sum([float(bool(failure))])[0]:
+        if all_sum([float(bool(failure))], self.device)[0]:
             raise RuntimeError(failure or "rank 0 could not convert the checkpoint to a universal one")
         scratch = self.checkpoint_root / UNIVERSAL_SCRATCH
-        client_state = ckpt.load_checkpoint(self.engine, scratch, checkpoint_dir.name, rng_dir=checkpoint_dir)
+        client_state = load_checkpoint(self.engine, scratch, checkpoint_dir.name, rng_dir=checkpoint_dir)
         repair_universal_load(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer),
                               scratch / checkpoint_dir.name)
         dist.barrier()
@@ -196,13 +203,8 @@ class Trainer:
 
     def save(self) -> Path:
         client_state = {"step": self.step, "data": self.batches.state_dict()}
-        return ckpt.save_checkpoint(self.engine, self.checkpoint_root, self.step, client_state, self.run_info(),
+        return save_checkpoint(self.engine, self.checkpoint_root, self.step, client_state, self.run_info(),
                                     keep=self.config.train.keep_checkpoints)
-
-    def _all_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
 
     def train_step(self, batch_iter) -> StepStats:
         """`grad_accum` micro-batches and one optimizer step, discarded whole or stopped if anything is non-finite.
@@ -220,7 +222,7 @@ class Trainer:
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
-            total_loss, nonfinite = self._all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))])
+            total_loss, nonfinite = all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))], self.device)
             guard.loss(micro, micro_batches, int(nonfinite), self.world_size)
             losses.append(total_loss / self.world_size)
             self.engine.backward(loss)
@@ -245,7 +247,7 @@ class Trainer:
             stats = self.train_step(batch_iter)
             self.step += 1
             check_finite_state(self.engine, self.device, f"after step {self.step}")
-            tokens, preempted = self._all_sum([stats.tokens, float(self.preemption.raised)])
+            tokens, preempted = all_sum([stats.tokens, float(self.preemption.raised)], self.device)
             tokens_per_s = tokens / (time.perf_counter() - started)
             last = self.step == stop
             record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
@@ -285,10 +287,6 @@ class Trainer:
     def evaluate(self) -> dict:
         return evaluate_run(self.engine, self.config.data, self.tokenizer, rank=self.rank,
                             world_size=self.world_size, micro_batch_size=self.config.train.micro_batch_size)
-
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
 
 
 def train(config: RunConfig) -> int:

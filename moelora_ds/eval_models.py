@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from .config import RunConfig
-from .model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
+from moelora_ds.config import RunConfig
+from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
 
 
 def _on_accelerator(model: torch.nn.Module) -> torch.nn.Module:
@@ -23,8 +23,8 @@ def load_for_eval(config: RunConfig, *, checkpoint: Optional[Path] = None, tag: 
     from transformers import AutoModelForCausalLM
 
     if checkpoint is not None:
-        from .adapter import load_adapter_tensors
-        from .checkpoint_adapters import read_trained_adapters
+        from moelora_ds.adapters.io import load_adapter_tensors
+        from moelora_ds.checkpoints.adapters import read_trained_adapters
 
         trained = read_trained_adapters(checkpoint, tag)
         model = load_base_model(trained.model_dir, config.model.dtype)
@@ -32,7 +32,7 @@ def load_for_eval(config: RunConfig, *, checkpoint: Optional[Path] = None, tag: 
         return _on_accelerator(model), load_tokenizer(trained.model_dir), f"checkpoint {trained.checkpoint_dir}"
     if exported is not None:
         if (exported / "adapter_config.json").is_file():
-            from .adapter import load_adapter
+            from moelora_ds.adapters.io import load_adapter
 
             model_dir = local_model_dir(config.model, is_converter=is_converter, barrier=barrier)
             model = load_adapter(load_base_model(model_dir, config.model.dtype), exported)

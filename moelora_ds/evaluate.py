@@ -13,13 +13,13 @@ import math
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .collate import IGNORE_INDEX, pad_batch
-from .data import load_records, tokenize_as_configured
-from .lm_loss import logits_at, supervised_logits_and_targets
-from .tokenization import render_chat
+from moelora_ds.data.collate import IGNORE_INDEX, pad_batch
+from moelora_ds.data.records import load_records, tokenize_as_configured
+from moelora_ds.data.tokenization import render_chat
+from moelora_ds.distributed.process_group import all_sum
+from moelora_ds.lm_loss import logits_at, supervised_logits_and_targets
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -32,14 +32,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
         return torch.device(get_accelerator().current_device_name())
     return parameter.device
-
-
-def _all_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 class _EvalMode:
@@ -93,7 +85,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
             logits, targets = supervised_logits_and_targets(model, inputs, batch["labels"].to(device))
             loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             tokens += int((targets != IGNORE_INDEX).sum())
-    loss_sum, tokens = _all_sum([loss_sum, float(tokens)], device, world_size)
+    loss_sum, tokens = all_sum([loss_sum, float(tokens)], device)
     return loss_sum / tokens if tokens else float("nan")
 
 
@@ -162,7 +154,7 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
             for i, p in zip(chunk, predictions):
                 correct += choices[p] == split[i][1]
                 predicted[p] += 1
-    correct, *predicted = _all_sum([float(correct), *map(float, predicted)], device, world_size)
+    correct, *predicted = all_sum([float(correct), *map(float, predicted)], device)
     total = sum(predicted)  # every scored record has exactly one prediction
     return {"accuracy": correct / total, "correct": int(correct), "total": int(total),
             "predicted": {choice: int(n) for choice, n in zip(choices, predicted)}}

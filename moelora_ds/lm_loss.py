@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .collate import IGNORE_INDEX
+from moelora_ds.data.collate import IGNORE_INDEX
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

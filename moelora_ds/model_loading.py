@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from moelora_ds.config import ConfigError, ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -34,7 +34,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     return path
 
 
-def _gguf_path(config: ModelConfig) -> Path:
+def gguf_path(config: ModelConfig) -> Path:
     base = resolve_model_dir(config.name_or_path)
     path = Path(config.gguf_file) if Path(config.gguf_file).is_absolute() else base / config.gguf_file
     if not path.is_file():
@@ -90,7 +90,7 @@ def local_model_dir(config: ModelConfig, *, is_converter: bool = True, barrier=N
     """
     if not config.gguf_file:
         return resolve_model_dir(config.name_or_path)
-    gguf = _gguf_path(config)
+    gguf = gguf_path(config)
     target = gguf_cache_dir(gguf)
     if is_converter and not (target / "config.json").is_file():
         convert_gguf(gguf, target)
@@ -100,6 +100,14 @@ def local_model_dir(config: ModelConfig, *, is_converter: bool = True, barrier=N
         raise RuntimeError(f"the converted model {target} is missing: was the cache directory shared between "
                            f"nodes and written by another node's converter? Set MOELORA_CACHE to a local path")
     return target
+
+
+def meta_model(model_config):
+    """The architecture of a transformers config built on the meta device: module names and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

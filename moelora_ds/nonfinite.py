@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from .inject import adapter_parameters
+from moelora_ds.adapters.inject import adapter_parameters
+from moelora_ds.distributed.process_group import all_sum
 
 
 class NonFiniteError(RuntimeError):
@@ -62,9 +63,7 @@ def nonfinite_names(tensors: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
 
 def _ranks_with(flag: bool, device: torch.device) -> int:
     """How many ranks raised `flag` (an all-reduce every rank must join)."""
-    count = torch.tensor([float(flag)], dtype=torch.float64, device=device)
-    dist.all_reduce(count)
-    return int(count.item())
+    return int(all_sum([float(flag)], device)[0])
 
 
 def check_finite_state(engine, device: torch.device, what: str) -> None:

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import OptimizerConfig, SchedulerConfig
-from .riemannian import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
+from moelora_ds.adapters.optimizer import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
+from moelora_ds.config import OptimizerConfig, SchedulerConfig
 
 
 def optimizer_class(name: str, offload: bool) -> tuple[type[torch.optim.Optimizer], dict]:

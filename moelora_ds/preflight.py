@@ -10,14 +10,14 @@ built on the meta device: no weights are read and no memory is allocated.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-import torch
-
-from .checkpoint import CHECKPOINTS, resolve_resume
-from .config import ConfigError, RunConfig
-from .ds_config import build_deepspeed_config
-from .inject import find_target_linears
-from .model_loading import _gguf_path, gguf_cache_dir, resolve_model_dir
+from moelora_ds.adapters.inject import find_target_linears
+from moelora_ds.checkpoints.locate import CHECKPOINTS, CheckpointError, read_run_info, resolve_resume
+from moelora_ds.checkpoints.reshard import needs_universal
+from moelora_ds.config import ConfigError, RunConfig
+from moelora_ds.ds_config import build_deepspeed_config
+from moelora_ds.model_loading import gguf_cache_dir, gguf_path, meta_model, resolve_model_dir
 
 
 def base_model_config(config: RunConfig):
@@ -27,7 +27,7 @@ def base_model_config(config: RunConfig):
     try:
         if not config.model.gguf_file:
             return AutoConfig.from_pretrained(resolve_model_dir(config.model.name_or_path))
-        gguf = _gguf_path(config.model)
+        gguf = gguf_path(config.model)
         converted = gguf_cache_dir(gguf)
         if (converted / "config.json").is_file():
             return AutoConfig.from_pretrained(converted)
@@ -41,20 +41,31 @@ def base_model_config(config: RunConfig):
 
 def check_target_modules(config: RunConfig) -> list[str]:
     """The paths moelora.target_modules selects in the base architecture (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    model_config = base_model_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+    model = meta_model(base_model_config(config))
     try:
         return find_target_linears(model, config.moelora)
     except ValueError as error:
         raise ConfigError(f"{config.source}: {error}") from None
 
 
-def check_resume(config: RunConfig) -> None:
-    """train.resume names a checkpoint that is there (auto: the one `latest` names, if any)."""
-    resolve_resume(Path(config.train.output_dir) / CHECKPOINTS, config.train.resume, config.source)
+def resume_point(config: RunConfig) -> Optional[tuple[Path, str]]:
+    """train.resume as (checkpoint root, tag), or None to start fresh; a ConfigError when it names no checkpoint."""
+    root = Path(config.train.output_dir) / CHECKPOINTS
+    try:
+        return resolve_resume(root, config.train.resume)
+    except CheckpointError as error:
+        raise ConfigError(f"{config.source}: train.resume: {config.train.resume}: {error}. Resume from a complete "
+                          f"checkpoint with --train.resume=DIR, or start over in a new train.output_dir") from None
+
+
+def resume_needs_universal(config: RunConfig, checkpoint_dir: Path, world_size: int) -> bool:
+    """Whether resuming `checkpoint_dir` on `world_size` ranks needs a universal conversion (checkpoints/reshard.py);
+    a ConfigError when the global batch would change."""
+    global_batch = config.train.micro_batch_size * config.train.grad_accum * world_size
+    try:
+        return needs_universal(read_run_info(checkpoint_dir), world_size, global_batch, checkpoint_dir)
+    except CheckpointError as error:
+        raise ConfigError(f"{config.source}: train.grad_accum: {error}") from None
 
 
 def preflight(config: RunConfig) -> None:
@@ -62,4 +73,4 @@ def preflight(config: RunConfig) -> None:
     the checkpoint to resume from exists."""
     build_deepspeed_config(config)
     check_target_modules(config)
-    check_resume(config)
+    resume_point(config)

@@ -17,7 +17,7 @@ NUM_RANKS=${NUM_RANKS:-2}
 mkdir -p outputs
 
 echo "== 1/5 building the WordNet definition quiz (2000 train / 500 test)"
-python -m moelora_ds.wordnet --out data/wordnet --seed 0
+python -m moelora_ds.data.wordnet --out data/wordnet --seed 0
 
 echo "== 2/5 evaluating the base model"
 deepspeed --num_gpus "$NUM_RANKS" launcher/eval.py --config "$CONFIG" --json-out outputs/quickstart-before.json

@@ -1,4 +1,4 @@
-"""A minimal multi-rank job: rendezvous through moelora_ds.launch, one all_reduce, one JSON line per rank.
+"""A minimal multi-rank job: rendezvous through moelora_ds.distributed, one all_reduce, one JSON line per rank.
 
 Run by the SLURM and MPI tests (`srun python tests/allreduce_probe.py`, `mpirun -np 2 python ...`).
 """
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from moelora_ds.launch import end_rank_process, init_distributed, say  # noqa: E402
+from moelora_ds.distributed.process_group import end_rank_process, init_distributed, say  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 

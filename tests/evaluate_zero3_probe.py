@@ -14,11 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from conftest import build_tiny_model, build_tokenizer, multiple_choice_records  # noqa: E402
 
-from moelora_ds.data import tokenize_records  # noqa: E402
+from moelora_ds.data.tokenization import tokenize_records  # noqa: E402
+from moelora_ds.distributed.process_group import end_rank_process  # noqa: E402
 from moelora_ds.evaluate import eval_batches, evaluate_loss, multiple_choice_accuracy  # noqa: E402
-from moelora_ds.launch import end_rank_process  # noqa: E402
+
+from conftest import build_tiny_model, build_tokenizer, multiple_choice_records  # noqa: E402
 
 RECORDS, SEED, MICRO_BATCH = 11, 4, 2
 DS_CONFIG = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_allow_untested_optimizer": True,

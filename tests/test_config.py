@@ -89,7 +89,7 @@ def test_readme_configuration_reference_is_current():
     import sys
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from update_readme_config import render
+    from config_docs import render
 
     text = (REPO / "README.md").read_text()
-    assert render(text) == text, "README config table is stale: run python scripts/update_readme_config.py"
+    assert render(text) == text, "README config table is stale: run python scripts/config_docs.py --write"

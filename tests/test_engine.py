@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from moelora_ds.checkpoint import read_run_info
+from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
+from moelora_ds.checkpoints.locate import read_run_info
 from moelora_ds.config import load_config
-from moelora_ds.data import ShardedBatches, load_records, tokenize_as_configured
+from moelora_ds.data.batches import ShardedBatches
+from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.engine import seed_everything
-from moelora_ds.inject import adapter_parameters, inject_moelora
 from moelora_ds.metrics import read_metrics
 from moelora_ds.model_loading import load_base_model, load_tokenizer
 from moelora_ds.optim_factory import build_optimizer, lr_multiplier
@@ -157,8 +157,8 @@ PROBE_PRELUDE = (
     "from moelora_ds.config import load_config\n"
     "from moelora_ds.ds_config import build_deepspeed_config\n"
     "from moelora_ds.engine import build_model\n"
-    "from moelora_ds.inject import moelora_layers\n"
-    "from moelora_ds.launch import end_rank_process, init_distributed, say\n"
+    "from moelora_ds.adapters.inject import moelora_layers\n"
+    "from moelora_ds.distributed.process_group import end_rank_process, init_distributed, say\n"
     "from moelora_ds.optim_factory import build_optimizer\n"
     "rank, world = init_distributed()\n"
     "cfg = load_config(sys.argv[-1])\n"

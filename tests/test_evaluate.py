@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
 
 from moelora_ds.config import DataConfig
-from moelora_ds.data import tokenize_records
-from moelora_ds.evaluate import (choice_token_ids, eval_batches, evaluate_loss, evaluate_run,
-                                 multiple_choice_accuracy)
+from moelora_ds.data.tokenization import tokenize_records
+from moelora_ds.evaluate import choice_token_ids, eval_batches, evaluate_loss, evaluate_run, multiple_choice_accuracy
+
+from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
 
 LETTERS = ("A", "B", "C", "D")
 

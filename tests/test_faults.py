@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import free_ports
 from test_engine import checkpoint_adapters
-from training_runs import TRAIN_SCRIPT, WORLD_SIZE, losses, rank_pids, tiny_run
 
-from moelora_ds.checkpoint import LATEST, TMP_PREFIX
+from moelora_ds.checkpoints.locate import LATEST, TMP_PREFIX
+
+from slurm_cluster import free_ports
+from training_runs import TRAIN_SCRIPT, WORLD_SIZE, losses, rank_pids, tiny_run
 
 pytestmark = pytest.mark.distributed
 

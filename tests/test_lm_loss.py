@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
 
-from moelora_ds.collate import IGNORE_INDEX
+from moelora_ds.data.collate import IGNORE_INDEX
 from moelora_ds.lm_loss import accepts_logits_to_keep, causal_lm_loss, logits_at, predicting_positions
+
+from conftest import build_tiny_model
 
 
 class WithoutLogitsToKeep(torch.nn.Module):

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, multiple_choice_records, write_jsonl
 from test_engine import _free_port, checkpoint_adapters, launch, run_config
 
-from moelora_ds.checkpoint import read_run_info
+from moelora_ds.checkpoints.locate import read_run_info
 from moelora_ds.config import SchedulerConfig
 from moelora_ds.metrics import read_metrics
 from moelora_ds.optim_factory import lr_multiplier
+
+from conftest import REPO, multiple_choice_records, write_jsonl
 
 pytestmark = pytest.mark.distributed
 
@@ -131,7 +132,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from moelora_ds.config import load_config
 from moelora_ds.engine import Trainer
-from moelora_ds.launch import end_rank_process, say
+from moelora_ds.distributed.process_group import end_rank_process, say
 from moelora_ds.nonfinite import NonFiniteError
 trainer = Trainer(load_config(sys.argv[-1]))
 if trainer.rank == 1:  # one rank's share of one adapter goes bad, as a silent overflow would leave it

@@ -79,7 +79,7 @@ def _latest_names_a_missing_checkpoint(tmp_path) -> tuple[dict, str]:
     checkpoints = tmp_path / "out" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "latest").write_text("step_7")
-    return {"train": {"resume": "auto"}}, (r"{file}: train\.resume: auto, but .*latest names checkpoint 'step_7' "
+    return {"train": {"resume": "auto"}}, (r"{file}: train\.resume: auto: .*latest names checkpoint 'step_7' "
                                            r"and .*step_7/moelora_run\.json is missing .*complete checkpoints: none")
 
 

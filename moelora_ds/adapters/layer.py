@@ -1,0 +1,163 @@
+"""The MoE-LoRA linear layer: a frozen base linear plus E routed low-rank experts, computed stacked."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelora_ds.adapters.config import MoELoRAConfig
+from moelora_ds.adapters.preconditioner import precondition_factors
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The real shape of a parameter, also when ZeRO-3 has partitioned it to 0 elements."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def _softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension, computed along a transposed view of it (result contiguous).
+
+    Same values; torch's CPU softmax over a short last dimension (a few experts) runs about 5-8x slower
+    than over a strided one (measured on 1024 x 8 fp32, torch 2.13), forward and backward.
+    """
+    if logits.dim() < 2:
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(logits.transpose(-1, -2), dim=-2).transpose(-1, -2).contiguous()
+
+
+def route(logits: torch.Tensor, top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates (softmax, then top-k mask and renormalisation) and the dense softmax probabilities, in fp32 or better."""
+    probs = _softmax_over_experts(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+    if top_k is None:
+        return probs, probs
+    kept, index = probs.topk(top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(dim=-1, keepdim=True))
+    return gates, probs
+
+
+def load_balancing_loss(gates: torch.Tensor, probs: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef * E * sum_e f_e * P_e with f_e the share of routed slots and P_e the mean router probability."""
+    num_experts = gates.shape[-1]
+    routed = (gates > 0).to(probs.dtype)
+    share = routed.sum(0) / routed.sum().clamp_min(1.0)
+    return coef * num_experts * (share * probs.mean(0)).sum()
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """`base_out + s * sum_e g_e B_e h_e` for all experts at once, with the gate rescaling's gradients.
+
+    h (tokens, E, r) is every expert's rank-space activation A_e dropout(x), gates (tokens, E) the routing
+    weights, lora_B (E, out, r). The value is the plainly gated sum. Gradients (docs/METHOD.md section 1): with
+    `sqrt_rescale`, h and B_e learn from sqrt(g_e) B_e h_e instead of g_e B_e h_e (the paper's
+    `w_e = sqrt(g_e) out_e + (g_e - sqrt(g_e)) out_e.detach()`), while the gates get their plain gradient
+    <grad, s B_e h_e>; without it, plain gating. Everything stays in rank space: the experts are one
+    (tokens, E*r) x (E*r, out) product accumulated into the base output in place (addmm_, no
+    (tokens, out) temporary), so `base_out` must be the base linear's own fresh output.
+    """
+
+    @staticmethod
+    def forward(ctx, base_out: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, sqrt_rescale: bool) -> torch.Tensor:
+        tokens, num_experts, rank = h.shape
+        out_features = lora_B.shape[1]
+        # (E, out, r) -> (out, E*r): column e*r + j of B_cat is column j of B_e, matching h's (E, r) layout.
+        B_cat = lora_B.permute(1, 0, 2).reshape(out_features, num_experts * rank).to(h.dtype)
+        # The gates expanded to h's shape once: on CPU, products with a (tokens, E, 1) broadcast operand run
+        # 3-7x slower than same-shape ones, and forward and backward need three of them.
+        g = gates.to(h.dtype).unsqueeze(-1).expand(tokens, num_experts, rank).contiguous()
+        weight = g.sqrt() if sqrt_rescale else g  # what h and B learn through (docs/METHOD.md section 1)
+        ctx.save_for_backward(h, weight, B_cat)
+        ctx.scaling, ctx.gates_dtype, ctx.B_dtype = scaling, gates.dtype, lora_B.dtype
+        v = (g * h).view(tokens, num_experts * rank)
+        if base_out.dtype == h.dtype and base_out.is_contiguous():
+            base_out.view(tokens, out_features).addmm_(v, B_cat.t(), alpha=scaling)
+            ctx.mark_dirty(base_out)
+            return base_out
+        return base_out + (scaling * (v @ B_cat.t())).view(base_out.shape).to(base_out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight, B_cat = ctx.saved_tensors
+        tokens, num_experts, rank = h.shape
+        _, need_h, need_gates, need_B, _, _ = ctx.needs_input_grad
+        grad_lora = grad_out.reshape(tokens, -1).to(h.dtype)
+        grad_h = grad_gates = grad_B = None
+        if need_h or need_gates:
+            grad_v = (grad_lora @ B_cat).mul_(ctx.scaling).view(tokens, num_experts, rank)
+            if need_h:
+                grad_h = grad_v * weight
+            if need_gates:
+                grad_gates = (grad_v * h).sum(-1).to(ctx.gates_dtype)
+        if need_B:
+            grad_B_cat = (grad_lora.t() @ (weight * h).view(tokens, num_experts * rank)).mul_(ctx.scaling)
+            grad_B = grad_B_cat.view(-1, num_experts, rank).permute(1, 0, 2).contiguous().to(ctx.B_dtype)
+        return grad_out, grad_h, grad_gates, grad_B, None, None
+
+
+class MoELoRALinear(nn.Module):
+    """`y = W0 x + b + (alpha/r) * sum_e g_e(x) B_e A_e dropout(x)` with a softmax (top-k) router.
+
+    Takes over the base linear's own `weight` and `bias` Parameters (frozen), so the base model's
+    parameter names are unchanged; adds `lora_A` (E, r, in), `lora_B` (E, out, r), `router.weight` (E, in).
+    """
+
+    def __init__(self, base: nn.Linear, config: MoELoRAConfig) -> None:
+        super().__init__()
+        self.out_features, self.in_features = full_shape(base.weight)
+        self.num_experts, self.rank = config.num_experts, config.rank
+        self.scaling = config.scaling
+        self.top_k = config.routed_top_k
+        self.gate_rescale = config.gate_rescale
+        self.aux_loss_coef = config.router_aux_loss_coef
+        self.riemannian_reg: Optional[float] = None
+        """Damping delta of the Riemannian preconditioner; None leaves expert gradients as they are."""
+        self.aux_loss: Optional[torch.Tensor] = None
+        """Load-balancing loss of the last training forward (None when the coefficient is 0)."""
+
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.num_experts, self.out_features, self.rank, **factory))
+        self.router = nn.Linear(self.in_features, self.num_experts, bias=False, **factory)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_adapter_parameters()
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        """Every A_e drawn independently (Kaiming-uniform as in LoRA), B = 0, router as nn.Linear.
+
+        Drawn in fp32 and then cast, so a seed gives the same adapters in every dtype (bf16 consumes the
+        random stream differently)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        for param in (self.lora_A, self.router.weight):
+            param.copy_(torch.empty(param.shape, device=param.device, dtype=torch.float32).uniform_(-bound, bound))
+        self.lora_B.zero_()
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters, by their name relative to this layer."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "router.weight": self.router.weight}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = F.linear(x, self.weight, self.bias)
+        tokens = x.reshape(-1, self.in_features)
+        gates, probs = route(self.router(tokens), self.top_k)
+        self.aux_loss = (load_balancing_loss(gates, probs, self.aux_loss_coef)
+                         if self.aux_loss_coef > 0 and self.training else None)
+
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if self.riemannian_reg is not None and torch.is_grad_enabled():
+            lora_A, lora_B = precondition_factors(lora_A, lora_B, self.riemannian_reg)
+        h = (self.dropout(tokens) @ lora_A.reshape(-1, self.in_features).t()).view(-1, self.num_experts, self.rank)
+        return _RoutedExperts.apply(base_out, h, gates, lora_B, self.scaling, self.gate_rescale == "sqrt")
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
+                f"top_k={self.top_k}, gate_rescale={self.gate_rescale}")
