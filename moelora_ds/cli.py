@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from moelora_ds.config import ConfigError, load_config
+from moelora_ds.config import ConfigError, RunConfig, load_config
 from moelora_ds.distributed.process_group import end_rank_process, say
+from moelora_ds.distributed.rendezvous import LaunchEnvironmentError, rendezvous_from_env
+from moelora_ds.precision import resolve_dtype
+
+
+def _run_config(path: str | None, overrides: list[str]) -> RunConfig:
+    """The validated configuration with `model.dtype: auto` resolved for this machine (announced by rank 0)."""
+    config = load_config(path, overrides)
+    try:
+        rank = rendezvous_from_env(os.environ).get("RANK", "0")
+    except LaunchEnvironmentError:
+        rank = "0"
+    try:
+        config.model.dtype = resolve_dtype(config.model.dtype, announce=rank == "0")
+    except ValueError as error:
+        raise ConfigError(f"{config.source}: model.dtype: auto: {error}") from None
+    return config
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -25,13 +42,14 @@ def train_main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 configuration or data error, 3 non-finite values, 75 checkpointed on SIGUSR1."""
     args, overrides = _train_parser().parse_known_args(argv)
     try:
-        config = load_config(args.config, overrides)
+        config = _run_config(args.config, overrides)
         from moelora_ds.preflight import preflight
 
         preflight(config)
     except ConfigError as error:
         say(f"moelora-train: configuration error: {error}", sys.stderr)
         return 2
+    from moelora_ds.checkpoints.locate import CheckpointError
     from moelora_ds.data.records import DataError
     from moelora_ds.engine import train
     from moelora_ds.nonfinite import NonFiniteError
@@ -43,6 +61,9 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as error:
         say(f"moelora-train: data error: {error}", sys.stderr)
+        return 2
+    except CheckpointError as error:
+        say(f"moelora-train: checkpoint error: {error}", sys.stderr)
         return 2
     except NonFiniteError as error:
         say(f"moelora-train: stopped: {error}", sys.stderr)
@@ -98,7 +119,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 def eval_main(argv: list[str] | None = None) -> int:
     args, overrides = _eval_parser().parse_known_args(argv)
     try:
-        config = load_config(args.config, overrides)
+        config = _run_config(args.config, overrides)
     except ConfigError as error:
         say(f"moelora-eval: configuration error: {error}", sys.stderr)
         return 2
@@ -106,12 +127,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         say("moelora-eval: configuration error: data.eval_path is not set", sys.stderr)
         return 2
     import json
-    import os
 
     import torch.distributed as dist
 
     from moelora_ds.checkpoints.locate import CheckpointError
-    from moelora_ds.distributed.process_group import init_distributed
+    from moelora_ds.distributed.process_group import init_distributed, local_rank
     from moelora_ds.eval_models import load_for_eval
     from moelora_ds.evaluate import evaluate_run
 
@@ -120,7 +140,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         model, tokenizer, what = load_for_eval(
             config, checkpoint=Path(args.checkpoint) if args.checkpoint else None, tag=args.tag,
             exported=Path(args.model) if args.model else None,
-            is_converter=int(os.environ.get("LOCAL_RANK", "0")) == 0, barrier=dist.barrier)
+            is_converter=local_rank() == 0, barrier=dist.barrier)
         result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,
                               micro_batch_size=config.train.micro_batch_size)
         if rank == 0:

@@ -32,8 +32,10 @@ class ModelConfig:
     """A local Hugging Face model directory, or `pkg://PACKAGE` for a directory shipped in an installed package."""
     gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
     """A GGUF file (inside name_or_path, or an absolute path); converted once to a cached HF directory."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Training precision; also sets DeepSpeed's bf16/fp16 sections."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Training and evaluation precision; also sets DeepSpeed's bf16/fp16 sections. auto: bf16 where the hardware
+    runs it natively (CUDA with bf16; a CPU with AMX or AVX512-BF16), fp16 with loss scaling on CUDA without bf16,
+    fp32 otherwise (MOELORA_CPU_BF16=1/0 overrides the CPU detection); rank 0 prints the choice."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
 

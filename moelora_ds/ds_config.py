@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from moelora_ds.config import REPO_ROOT, ConfigError, RunConfig
+from moelora_ds.precision import resolve_dtype
 
 
 def resolve_deepspeed_path(path: str) -> Path:
@@ -29,7 +30,7 @@ def read_deepspeed_config(config: RunConfig) -> tuple[dict, str]:
 
 def owned_values(config: RunConfig) -> dict[str, tuple[object, str]]:
     """DeepSpeed keys the training config decides: key -> (value, the training-config key that sets it)."""
-    dtype = config.model.dtype
+    dtype = resolve_dtype(config.model.dtype, announce=False)
     return {
         "train_micro_batch_size_per_gpu": (config.train.micro_batch_size, "train.micro_batch_size"),
         "gradient_accumulation_steps": (config.train.grad_accum, "train.grad_accum"),

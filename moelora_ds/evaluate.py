@@ -20,6 +20,7 @@ from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.data.tokenization import render_chat
 from moelora_ds.distributed.process_group import all_sum
 from moelora_ds.lm_loss import logits_at, supervised_logits_and_targets
+from moelora_ds.progress import progress
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -80,7 +81,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     device = model_device(model)
     loss_sum, tokens = 0.0, 0
     with _EvalMode(model):
-        for batch in batches:
+        for batch in progress(batches, desc="eval loss", unit="batch"):
             inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
             logits, targets = supervised_logits_and_targets(model, inputs, batch["labels"].to(device))
             loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
@@ -148,7 +149,7 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
     count = math.ceil(math.ceil(len(records) / world_size) / micro_batch_size)
     correct, predicted = 0, [0] * len(choices)
     with _EvalMode(model):
-        for b in range(count):
+        for b in progress(range(count), desc="multiple choice", unit="batch"):
             chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
             predictions = _predict(model, tokenizer, [prompts[i] for i in chunk or [0]], token_ids, device)
             for i, p in zip(chunk, predictions):

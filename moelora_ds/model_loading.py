@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from moelora_ds.config import ConfigError, ModelConfig
+from moelora_ds.precision import resolve_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -59,6 +60,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"[moelora-ds] converting {gguf.name} once to a plain Hugging Face directory: {out_dir}", flush=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     config.quantization_config = None
@@ -128,7 +130,7 @@ def load_base_model(model_dir: Path, dtype: str, ds_config: Optional[dict] = Non
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     # transformers builds the model inside zero.Init only while a stage-3 HfDeepSpeedConfig is alive.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[resolve_dtype(dtype, announce=False)])
     del hf_ds_config
     model.requires_grad_(False)
     model.config.use_cache = False

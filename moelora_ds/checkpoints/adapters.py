@@ -22,6 +22,7 @@ from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import find_target_linears
 from moelora_ds.adapters.io import ADAPTER_TENSORS, adapter_mismatches, expected_adapters
 from moelora_ds.checkpoints.locate import RUN_FILE, CheckpointError, read_run_info, resolve_checkpoint_dir
+from moelora_ds.checkpoints.safe_load import safe_load, vet_checkpoint_files
 from moelora_ds.model_loading import meta_model
 
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -64,11 +65,12 @@ def _check_readable(checkpoint_dir: Path) -> None:
 
 def _load_deepspeed_state(checkpoint_dir: Path, stage: int) -> dict[str, torch.Tensor]:
     _check_readable(checkpoint_dir)
+    vet_checkpoint_files(checkpoint_dir)
     if stage == 0:
         path = checkpoint_dir / STAGE0_MODEL_FILE
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (a ZeRO stage-0 checkpoint keeps its weights there)")
-        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+        return safe_load(path)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     quiet = io.StringIO()  # it narrates every step on stdout and draws progress bars on stderr

@@ -18,7 +18,7 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the path and what is wrong."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from moelora_ds.checkpoints.locate import CheckpointError
+from moelora_ds.checkpoints.safe_load import safe_load, vet_checkpoint_files
 
 UNIVERSAL_SCRATCH = ".universal"
 """Directory under the run's checkpoints/ where a converted checkpoint lives while it is loaded."""
@@ -52,6 +53,7 @@ def needs_universal(info: dict, world_size: int, global_batch: int, checkpoint_d
 
 def convert_to_universal(checkpoint_dir: Path, scratch_root: Path) -> Path:
     """Convert a ZeRO checkpoint with DeepSpeed's ds_to_universal; returns the converted tag directory."""
+    vet_checkpoint_files(checkpoint_dir)
     out = scratch_root / UNIVERSAL_SCRATCH / checkpoint_dir.name
     out.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -74,7 +76,7 @@ def repair_universal_load(optimizer: torch.optim.Optimizer, universal_dir: Path)
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved = safe_load(universal_dir / "zero" / "optimizer_state.pt")
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise RuntimeError(f"{universal_dir}: {len(saved_groups)} saved optimizer parameter groups, "

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moelora_ds.checkpoints.locate import LATEST, RUN_FILE, TMP_PREFIX, list_checkpoints, tag_for_step
+from moelora_ds.checkpoints.safe_load import safe_load, vet_checkpoint_files
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,11 +84,12 @@ def load_checkpoint(engine, root: Path, tag: str, rng_dir: Optional[Path] = None
     Under ZeRO stages 1-3 the world size must be the one that saved, or `root/tag` a universal checkpoint
     (reshard.py); `rng_dir` is where the per-rank RNG files are (default: root/tag).
     """
+    vet_checkpoint_files(root / tag)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     rng_file = (rng_dir or root / tag) / f"rng_state_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load(rng_file))
     return client_state

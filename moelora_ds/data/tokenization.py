@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from moelora_ds.data.collate import IGNORE_INDEX
+from moelora_ds.progress import progress
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
@@ -38,7 +39,7 @@ def tokenize_records(records: Sequence[dict], format: str, tokenizer, max_length
         raise ValueError(f"unknown data format {format!r}; expected chat, prompt_completion or text")
     examples: list[dict] = []
     truncated = dropped = 0
-    for index, record in enumerate(records):
+    for index, record in progress(enumerate(records), desc="tokenize", total=len(records), unit="record"):
         input_ids, labels = encode(record, tokenizer, index)
         if not label_eos:
             labels = [IGNORE_INDEX if token == tokenizer.eos_token_id else label

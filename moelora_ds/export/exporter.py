@@ -23,7 +23,14 @@ from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.io import group_by_layer, save_adapter
 from moelora_ds.adapters.merge import is_foldable, merge_tensor
 from moelora_ds.checkpoints.adapters import read_trained_adapters
-from moelora_ds.export.safetensors_stream import ShardedSafetensorsWriter, iter_safetensors, parse_size
+from moelora_ds.export.safetensors_stream import (
+    ShardedSafetensorsWriter,
+    iter_safetensors,
+    parse_size,
+    safetensors_files,
+    tensor_bytes,
+)
+from moelora_ds.progress import progress
 
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_moelora.py"
 AUTO_MAP = {"AutoConfig": "modeling_moelora.MoELoRAConfig",
@@ -88,11 +95,15 @@ def export_merged(model_dir: Path, adapters: Mapping[str, torch.Tensor], config:
     with _staging(out) as staging:
         writer = ShardedSafetensorsWriter(staging, max_shard_bytes)
         merged = set()
+        bar = progress(desc="export", total=sum(path.stat().st_size for path in safetensors_files(model_dir)),
+                       unit="B", unit_scale=True)
         for name, tensor in iter_safetensors(model_dir):
+            bar.update(tensor_bytes(tensor))
             if name in weight_of:
                 merged.add(weight_of[name])
             for out_name, out_tensor in merge_tensor(name, tensor, layers, config.scaling).items():
                 writer.add(out_name, out_tensor)
+        bar.close()
         unmatched = sorted(set(layers) - merged)
         if unmatched:
             raise ExportError(f"{model_dir}: no stored weight for adapted layer(s) {unmatched[:6]} (a tied weight "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -444,8 +445,27 @@ def _drop_rank_file(run: Path) -> tuple[list[str], str]:
     return [], r"cannot read the DeepSpeed checkpoint files .*Expected 2 of '\*_optim_states.pt'"
 
 
+class _RunsACommand:
+    """Pickles as a call of os.system: what a malicious checkpoint file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _pickle_a_callable(run: Path) -> tuple[list[str], str]:
+    path = checkpoint_dir(run) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    state = torch.load(path, weights_only=False)
+    state["payload"] = _RunsACommand(run / "code-was-run")
+    torch.save(state, path)
+    return [], rf"{TAG}/zero_pp_rank_1_mp_rank_00_optim_states.pt: refused: .*GLOBAL posix.system"
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("damage", [_drop_latest, _unknown_tag, _drop_run_file, _truncate_rank_file, _drop_rank_file])
+@pytest.mark.parametrize("damage", [_drop_latest, _unknown_tag, _drop_run_file, _truncate_rank_file, _drop_rank_file,
+                                    _pickle_a_callable])
 def test_missing_or_corrupt_zero3_checkpoint_is_a_clear_error(damage, zero3_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(zero3_run / "checkpoints", run / "checkpoints")
@@ -454,6 +474,7 @@ def test_missing_or_corrupt_zero3_checkpoint_is_a_clear_error(damage, zero3_run,
     err = capsys.readouterr().err
     assert err.startswith("moelora-export: error: ") and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+    assert not (run / "code-was-run").exists()
 
 
 @pytest.mark.distributed
