@@ -1,4 +1,7 @@
-"""Entry point for the deepspeed launcher, torchrun, mpirun and srun: `deepspeed launcher/eval.py --config CFG [--checkpoint RUN_DIR | --model DIR]`."""
+"""Entry point for the deepspeed launcher, torchrun, mpirun and srun.
+
+`deepspeed launcher/eval.py --config CFG [--checkpoint RUN_DIR | --model DIR]`
+"""
 
 import sys
 from pathlib import Path

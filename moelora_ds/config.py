@@ -53,10 +53,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     """Decoupled (AdamW) or L2 (SGD) weight decay of the adapters."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas. beta2 0.95, not torch's 0.999: the preconditioned gradient of A scales like 1/|B| and
-    shrinks by orders of magnitude as B grows from 0, and a long second-moment memory keeps the early
-    values and stalls A (the quickstart stayed at chance for 160 steps with 0.999 at lr 1e-3 and 3e-3; with
-    0.95 at 2e-3 it jumps at step ~110)."""
+    """AdamW betas (beta2 differs from torch's 0.999: README, "How the quickstart's settings were chosen")."""
     eps: float = 1e-8
     """AdamW epsilon."""
     momentum: float = 0.0
@@ -105,16 +102,15 @@ class TrainLoopConfig:
     epochs: Optional[int] = None
     """Epochs to run instead of max_steps."""
     stop_at: Optional[int] = None
-    """Stop with a checkpoint after this step although the schedule spans max_steps (time-boxed jobs); null: run to the end."""
+    """Stop with a checkpoint after this step although the schedule spans max_steps (time-boxed jobs); null: run
+    to the end."""
     micro_batch_size: int = 8
     """Samples per rank per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (of the preconditioned gradient); 0 disables it. With riemannian_sgd
-    prefer 0: A's preconditioned gradient grows like 1/norm(B) while B is small, dominates the global norm,
-    and the clip then shrinks every update (quiz, lr 5e-3, 80 steps: eval loss 3.86 clipped vs 0.78
-    unclipped; plain SGD 0.72 either way; benchmarks/RESULTS.md, benchmark 4); the trainer warns then."""
+    """Global gradient-norm clip of the preconditioned gradient; 0 disables it (recommended with riemannian_sgd,
+    and the trainer warns otherwise: benchmarks/RESULTS.md, benchmark 4)."""
     seed: int = 42
     """Seeds adapter initialisation, data order and dropout."""
     output_dir: str = "outputs/run"
@@ -309,9 +305,11 @@ def validate(config: RunConfig) -> None:
     if train.grad_clip < 0:
         raise ConfigError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {train.grad_clip}")
     if config.optimizer.router_lr is not None and config.optimizer.router_lr < 0:
-        raise ConfigError(f"{src}: optimizer.router_lr: expected a non-negative value, got {config.optimizer.router_lr}")
+        raise ConfigError(f"{src}: optimizer.router_lr: expected a non-negative value, "
+                          f"got {config.optimizer.router_lr}")
     if not 0 <= config.scheduler.min_lr_ratio <= 1:
-        raise ConfigError(f"{src}: scheduler.min_lr_ratio: expected a value in [0, 1], got {config.scheduler.min_lr_ratio}")
+        raise ConfigError(f"{src}: scheduler.min_lr_ratio: expected a value in [0, 1], "
+                          f"got {config.scheduler.min_lr_ratio}")
     if config.scheduler.warmup_steps < 0:
         raise ConfigError(f"{src}: scheduler.warmup_steps: expected 0 or more, got {config.scheduler.warmup_steps}")
     if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
@@ -324,8 +322,7 @@ def advisories(config: RunConfig) -> list[str]:
     if config.optimizer.name == "riemannian_sgd" and config.train.grad_clip > 0:
         notes.append(f"{config.source}: train.grad_clip={config.train.grad_clip:g} with optimizer.name=riemannian_sgd "
                      "clips the preconditioned gradient, whose A part is large while B is near 0, so every early "
-                     "update shrinks (benchmark 4: eval loss 3.86 clipped vs 0.78 unclipped); "
-                     "train.grad_clip=0 is recommended")
+                     "update shrinks (benchmarks/RESULTS.md, benchmark 4); train.grad_clip=0 is recommended")
     return notes
 
 

@@ -1,4 +1,4 @@
-"""The DeepSpeed config of a run: the user's JSON plus the values the training config owns, checked for contradictions."""
+"""The DeepSpeed config of a run: the user's JSON plus the values the training config owns, checked to agree."""
 
 from __future__ import annotations
 

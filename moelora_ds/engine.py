@@ -222,7 +222,8 @@ class Trainer:
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
-            total_loss, nonfinite = all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))], self.device)
+            total_loss, nonfinite = all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))],
+                                            self.device)
             guard.loss(micro, micro_batches, int(nonfinite), self.world_size)
             losses.append(total_loss / self.world_size)
             self.engine.backward(loss)

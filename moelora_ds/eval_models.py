@@ -38,8 +38,8 @@ def load_for_eval(config: RunConfig, *, checkpoint: Optional[Path] = None, tag: 
             model_dir = local_model_dir(config.model, is_converter=is_converter, barrier=barrier)
             model = load_adapter(load_base_model(model_dir, config.model.dtype), exported)
             return _on_accelerator(model), load_tokenizer(model_dir), f"adapter export {exported}"
-        model = AutoModelForCausalLM.from_pretrained(exported, dtype=DTYPES[resolve_dtype(config.model.dtype, announce=False)],
-                                                     trust_remote_code=True)
+        dtype = DTYPES[resolve_dtype(config.model.dtype, announce=False)]
+        model = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, trust_remote_code=True)
         return _on_accelerator(model), load_tokenizer(exported, trust_remote_code=True), f"exported model {exported}"
     model_dir = local_model_dir(config.model, is_converter=is_converter, barrier=barrier)
     return _on_accelerator(load_base_model(model_dir, config.model.dtype)), load_tokenizer(model_dir), \

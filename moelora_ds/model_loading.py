@@ -128,7 +128,7 @@ def load_base_model(model_dir: Path, dtype: str, ds_config: Optional[dict] = Non
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    # transformers builds the model inside zero.Init only while a stage-3 HfDeepSpeedConfig is alive.
+    # transformers (5.x) builds the model inside zero.Init only while a stage-3 HfDeepSpeedConfig is alive.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[resolve_dtype(dtype, announce=False)])
     del hf_ds_config

@@ -61,9 +61,10 @@ def scheduler_factory(config: SchedulerConfig, total_steps: int):
 def undo_state_initialization_step(optimizer) -> None:
     """Forget the zero-gradient `step()` DeepSpeed's ZeRO-0 bf16/fp16 wrapper takes to create optimizer state.
 
-    `FP16_UnfusedOptimizer` (stage 0 with bf16 or fp16 and a non-fused optimizer) calls the inner optimizer's
-    `step()` once at construction. Adam counts it, so every early update uses the next step's bias correction
-    (the first is 0.735x too small at beta2 0.95), and decoupled weight decay shrinks the fp32 masters once.
+    DeepSpeed 0.19.8's `FP16_UnfusedOptimizer` (stage 0 with bf16 or fp16 and a non-fused optimizer) calls the
+    inner optimizer's `step()` once at construction. Adam counts it, so every early update uses the next step's
+    bias correction (the first is 0.735x too small at beta2 0.95), and decoupled weight decay shrinks the fp32
+    masters once.
     Dropping the state and re-reading the masters from the model makes the first real step the first step.
     """
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer

@@ -18,7 +18,6 @@ def is_rank0() -> bool:
 
 def progress(iterable: Optional[Iterable[T]] = None, *, desc: str, total: Optional[int] = None, unit: str = "it",
              unit_scale: bool = False) -> tqdm:
-    """`iterable` with a bar on rank 0, or (no iterable) a bar to `update` by hand; TQDM_DISABLE=1 hides bars,
-    other ranks never draw."""
+    """`iterable` with a bar on rank 0 (also into logs), or (no iterable) a bar to `update` by hand."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=unit_scale, dynamic_ncols=True,
-                leave=False, disable=None if is_rank0() else True, mininterval=1.0)
+                leave=False, disable=not is_rank0(), mininterval=1.0)

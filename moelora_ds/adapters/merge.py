@@ -2,7 +2,8 @@
 
 A layer with a single expert is exactly a LoRA layer (the softmax of one router logit is 1), so
 `W' = W + (alpha/r) B_0 A_0` reproduces it and the router drops out. A layer with several experts is
-input-dependent: it is never folded; its base weight is kept and its adapter tensors travel with it. In the spirit of torchtune's `get_merged_lora_ckpt`.
+input-dependent: it is never folded; its base weight is kept and its adapter tensors travel with it. In the
+spirit of torchtune's `get_merged_lora_ckpt`.
 """
 
 from __future__ import annotations

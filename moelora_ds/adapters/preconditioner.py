@@ -12,7 +12,7 @@ import torch
 
 
 def damped_gram(factor: torch.Tensor, reg: float, *, contract_rows: bool) -> torch.Tensor:
-    """Per-expert r x r Gram matrix plus delta I, in fp32 (at least): B^T B for B (E, out, r), A A^T for A (E, r, in)."""
+    """Per-expert r x r Gram matrix plus delta I, in fp32 (at least): B^T B for B (E, out, r), A A^T for A."""
     f = factor.detach().to(torch.promote_types(factor.dtype, torch.float32))
     gram = f.transpose(1, 2) @ f if contract_rows else f @ f.transpose(1, 2)
     return gram + reg * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
@@ -39,7 +39,8 @@ class _PreconditionFactors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lora_A: torch.Tensor, lora_B: torch.Tensor, reg: float):
-        ctx.save_for_backward(damped_gram(lora_B, reg, contract_rows=True), damped_gram(lora_A, reg, contract_rows=False))
+        ctx.save_for_backward(damped_gram(lora_B, reg, contract_rows=True),
+                              damped_gram(lora_A, reg, contract_rows=False))
         return lora_A.view_as(lora_A), lora_B.view_as(lora_B)
 
     @staticmethod

@@ -66,7 +66,7 @@ def convert_to_universal(checkpoint_dir: Path, scratch_root: Path) -> Path:
 
 
 def repair_universal_load(optimizer: torch.optim.Optimizer, universal_dir: Path) -> None:
-    """Undo two slips of DeepSpeed's (0.19) universal load, which would bend the first updates after the resume.
+    """Undo two slips of DeepSpeed 0.19.8's universal load, which would bend the first updates after the resume.
 
     It gives every parameter group one shared `step` tensor (so each optimizer step advances it once per
     group: Adam's bias correction goes wrong) and copies group 0's hyper-parameters (lr, name, ...) onto

@@ -1,1 +1,1 @@
-"""Ranks and their process group: the launch environment (rendezvous), SLURM node lists, the process group, hostfiles."""
+"""Ranks: the launch environment (rendezvous), SLURM node lists, the process group, DeepSpeed hostfiles."""

@@ -80,7 +80,7 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
 def release_shm_comm_buffer() -> None:
     """Unlink this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce once every rank has mapped it.
 
-    DeepSpeed creates one ~66 MB segment per rank and never unlinks it: every run left them behind until
+    DeepSpeed 0.19.8 creates one ~66 MB segment per rank and never unlinks it: every run left them behind until
     /dev/shm filled and ranks were OOM-killed. After the barrier all peers hold their mappings, so the
     name can go now and the memory is freed when the ranks exit, however they exit.
     """
@@ -103,7 +103,7 @@ def say(message: str, stream=None) -> None:
 def end_rank_process(code: int) -> NoReturn:
     """Leave the process group and exit with `code`, skipping the interpreter's teardown.
 
-    DeepSpeed keeps references to its Gloo process groups after destroy_process_group, so their worker
+    DeepSpeed 0.19.8 keeps references to its Gloo process groups after destroy_process_group, so their worker
     threads are still running when the interpreter finalizes; destroying them then aborts the process
     now and then ("terminate called without an active exception", exit 250 from the launcher) after a
     run that succeeded. Python's atexit handlers still run (a profiler's or a logger's); only the
