@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from moelora_ds.config import ConfigError, RunConfig, load_config
-from moelora_ds.distributed.process_group import end_rank_process, say
+from moelora_ds.distributed.process_group import end_rank_process, say, wait_for_every_rank_to_report
 from moelora_ds.distributed.rendezvous import LaunchEnvironmentError, rendezvous_from_env
 from moelora_ds.precision import resolve_dtype
 
@@ -48,6 +48,7 @@ def train_main(argv: list[str] | None = None) -> int:
         preflight(config)
     except ConfigError as error:
         say(f"moelora-train: configuration error: {error}", sys.stderr)
+        wait_for_every_rank_to_report()  # or the launcher may kill a rank before it has printed its message
         return 2
     from moelora_ds.checkpoints.locate import CheckpointError
     from moelora_ds.data.records import DataError

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional
 
-from moelora_ds.distributed.rendezvous import ANY_FREE_PORT, detect_launcher, reachable_master_addr, rendezvous_from_env
+from moelora_ds.distributed.rendezvous import (
+    ANY_FREE_PORT,
+    LaunchEnvironmentError,
+    detect_launcher,
+    reachable_master_addr,
+    rendezvous_from_env,
+)
 
 
 def local_rank() -> int:
@@ -90,6 +96,40 @@ def release_shm_comm_buffer() -> None:
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()
     path.unlink(missing_ok=True)
+
+
+def wait_for_every_rank_to_report(timeout_s: float = 20.0) -> None:
+    """Called by a rank that failed before the process group exists (preflight), after it printed its message:
+    return once every rank of the launch has printed too, or after `timeout_s`.
+
+    The deepspeed launcher (0.19.8) and torchrun kill all ranks as soon as one exits non-zero, so a rank that
+    exits at once can cut off a slower rank's message. The ranks meet at a TCPStore on MASTER_ADDR:MASTER_PORT
+    (rank 0 serves it, or torchrun's agent store does), the port the never-created process group would have
+    used. Best effort: a lone process, MPI discovery (no MASTER_ADDR) or a store error returns at once; a rank
+    whose peers passed preflight (they never come) returns after `timeout_s` and the launcher then ends them.
+    """
+    from datetime import timedelta
+
+    try:
+        rendezvous = rendezvous_from_env(os.environ)
+        world, rank = int(rendezvous["WORLD_SIZE"]), int(rendezvous["RANK"])
+        addr, port = rendezvous.get("MASTER_ADDR"), int(rendezvous.get("MASTER_PORT", ANY_FREE_PORT))
+    except (LaunchEnvironmentError, KeyError, ValueError):
+        return
+    if world <= 1 or addr is None or port == 0:
+        return
+    from torch.distributed import TCPStore
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    key = f"moelora/preflight_failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = TCPStore(addr, port, world_size=world, is_master=rank == 0 and not agent_store,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        if store.add(key, 1) >= world:
+            store.set(key + "/all", "1")
+        store.wait([key + "/all"])
+    except Exception:  # a timeout or a vanished peer: exit anyway
+        return
 
 
 def say(message: str, stream=None) -> None:
