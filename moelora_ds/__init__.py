@@ -1,5 +1,6 @@
 """moelora-ds: mixture-of-LoRA-experts adapters with Riemannian preconditioning, trained under DeepSpeed."""
 
+from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import adapter_parameters, inject_moelora, moelora_layers, router_aux_loss
 from moelora_ds.adapters.io import load_adapter
@@ -7,6 +8,7 @@ from moelora_ds.adapters.layer import MoELoRALinear
 from moelora_ds.adapters.optimizer import create_riemannian_optimizer, set_preconditioning
 
 __all__ = [
+    "AdamWNoBiasCorrection",
     "MoELoRAConfig",
     "MoELoRALinear",
     "adapter_parameters",

@@ -50,12 +50,18 @@ class OptimizerConfig:
     """Damping delta of the Riemannian preconditioner."""
     router_lr: Optional[float] = None
     """Learning rate of the routers (never preconditioned); null uses lr."""
+    router_clip: float = 0.0
+    """Gradient-norm clip of the routers alone, after train.grad_clip; 0 disables it. With train.grad_clip 0 the
+    expert gradients stay unclipped (the paper's recipe: launcher/configs/paper.yaml)."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) or L2 (SGD) weight decay of the adapters."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas (beta2 differs from torch's 0.999: README, "How the quickstart's settings were chosen")."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    bias_correction: bool = True
+    """AdamW bias correction of the moments; false is the paper's AdamWr, lr * m / (sqrt(v) + eps) on the raw
+    moments (docs/METHOD.md section 2). Ignored by SGD."""
     momentum: float = 0.0
     """SGD momentum."""
 
@@ -304,6 +310,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{src}: train.{key}: expected 0 or more, got {getattr(train, key)}")
     if train.grad_clip < 0:
         raise ConfigError(f"{src}: train.grad_clip: expected 0 (off) or a positive norm, got {train.grad_clip}")
+    if not config.optimizer.router_clip >= 0:
+        raise ConfigError(f"{src}: optimizer.router_clip: expected 0 (off) or a positive norm, "
+                          f"got {config.optimizer.router_clip}")
     if config.optimizer.router_lr is not None and config.optimizer.router_lr < 0:
         raise ConfigError(f"{src}: optimizer.router_lr: expected a non-negative value, "
                           f"got {config.optimizer.router_lr}")

@@ -108,7 +108,8 @@ class Trainer:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         model = build_model(config, self.ds_config, self.model_dir)
-        optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config))
+        optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config),
+                                    partitioned=zero_stage(self.ds_config) > 0, device=self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
             config=self.ds_config)

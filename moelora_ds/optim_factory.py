@@ -3,37 +3,46 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
 from moelora_ds.adapters.optimizer import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
 from moelora_ds.config import OptimizerConfig, SchedulerConfig
+from moelora_ds.router_clip import clip_router_gradients
 
 
-def optimizer_class(name: str, offload: bool) -> tuple[type[torch.optim.Optimizer], dict]:
+def optimizer_class(name: str, offload: bool, bias_correction: bool = True) -> tuple[type[torch.optim.Optimizer], dict]:
     """The base optimizer class and its keyword arguments; AdamW becomes DeepSpeed's CPU Adam under offload."""
     if name.endswith("adamw"):
         if offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam, {"adamw_mode": True}
-        return torch.optim.AdamW, {}
+            return DeepSpeedCPUAdam, {"adamw_mode": True, "bias_correction": bias_correction}
+        return (torch.optim.AdamW if bias_correction else AdamWNoBiasCorrection), {}
     return torch.optim.SGD, {}
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, *, offload: bool) -> torch.optim.Optimizer:
-    cls, extra = optimizer_class(config.name, offload)
+def build_optimizer(model: nn.Module, config: OptimizerConfig, *, offload: bool, partitioned: bool = False,
+                    device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+    """The configured optimizer over the model's adapters; `partitioned` (ZeRO stages 1-3) and `device` (where
+    ranks all-reduce) are what the router clip needs (router_clip.py)."""
+    cls, extra = optimizer_class(config.name, offload, config.bias_correction)
     if config.name.endswith("adamw"):
         extra.update(betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
     else:
         extra.update(momentum=config.momentum, weight_decay=config.weight_decay)
     if config.name.startswith("riemannian_"):
-        return create_riemannian_optimizer(model, cls, lr=config.lr, reg=config.reg, router_lr=config.router_lr,
-                                           **extra)
-    set_preconditioning(model, None)
-    return cls(adapter_param_groups(model, lr=config.lr, router_lr=config.router_lr), lr=config.lr, **extra)
+        optimizer = create_riemannian_optimizer(model, cls, lr=config.lr, reg=config.reg, router_lr=config.router_lr,
+                                                **extra)
+    else:
+        set_preconditioning(model, None)
+        optimizer = cls(adapter_param_groups(model, lr=config.lr, router_lr=config.router_lr), lr=config.lr, **extra)
+    if config.router_clip > 0:
+        clip_router_gradients(optimizer, config.router_clip, partitioned=partitioned, device=device)
+    return optimizer
 
 
 def lr_multiplier(config: SchedulerConfig, total_steps: int) -> Callable[[int], float]:

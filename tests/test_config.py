@@ -45,10 +45,33 @@ def test_wrong_type_names_file_and_key(tmp_path):
     ("--moelora.gate_rescale=cube", r"moelora\.gate_rescale: expected one of"),
     ("--train.epochs=2", r"set exactly one of max_steps and epochs"),
     ("--optimizer.reg=0", r"optimizer\.reg: expected a positive value"),
+    ("--optimizer.router_clip=-1", r"optimizer\.router_clip: expected 0 \(off\) or a positive norm"),
+    ("--optimizer.bias_correction=maybe", r"optimizer\.bias_correction: expected true or false"),
+    ("--moelora.dropout_per_expert=1", r"moelora\.dropout_per_expert: expected true or false"),
 ])
 def test_invalid_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_paper_preset_is_the_papers_recipe():
+    """launcher/configs/paper.yaml: THUDM/MoELoRA_Riemannian's train_llama.py settings (docs/METHOD.md section 4)."""
+    from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
+    from moelora_ds.optim_factory import optimizer_class
+
+    config = load_config(REPO / "launcher" / "configs" / "paper.yaml")
+    m, opt, sched = config.moelora, config.optimizer, config.scheduler
+    assert (m.num_experts, m.rank, m.alpha, m.top_k, m.dropout, m.dropout_per_expert, m.gate_rescale) == \
+        (20, 4, 16.0, 10, 0.05, True, "sqrt")
+    assert m.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (opt.name, opt.lr, opt.reg, opt.bias_correction, opt.betas, opt.eps, opt.weight_decay) == \
+        ("riemannian_adamw", 1e-5, 1e-6, False, (0.9, 0.999), 1e-6, 0.0)
+    assert (opt.router_lr, opt.router_clip, config.train.grad_clip) == (3e-8, 1.0, 0.0)
+    assert (sched.name, sched.warmup_steps, sched.min_lr_ratio, config.train.max_steps) == ("linear", 0, 0.1, 2000)
+    assert config.train.micro_batch_size * config.train.grad_accum == 80
+    assert optimizer_class(opt.name, offload=False, bias_correction=opt.bias_correction)[0] is AdamWNoBiasCorrection
+    assert optimizer_class(opt.name, offload=True, bias_correction=opt.bias_correction)[1]["bias_correction"] is False
+    assert advisories(config) == []
 
 
 def test_malformed_override_is_an_error():

@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
+from moelora_ds.adapters.inject import adapter_parameters, inject_moelora, moelora_layers
+from moelora_ds.adapters.optimizer import set_preconditioning
 from moelora_ds.checkpoints.locate import read_run_info
 from moelora_ds.config import load_config
 from moelora_ds.data.batches import ShardedBatches
@@ -24,6 +25,7 @@ from conftest import REPO
 
 WORLD_SIZE = 2
 STEPS = 10
+ROUTER_CLIP = 0.02
 
 
 def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -> dict:
@@ -78,8 +80,11 @@ def checkpoint_adapters(output_dir: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.float() for name, tensor in state.items() if ".lora_" in name or ".router." in name}
 
 
-def reference_run(config: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The same run in one process: the global batch of every step is the union of the ranks' micro-batches."""
+def reference_run(config: dict, plain: bool = False) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The same run in one process: the global batch of every step is the union of the ranks' micro-batches.
+
+    The optimizer is the run's own (build_optimizer), or with `plain` the method written out (PlainAdamW).
+    """
     cfg = load_config_from_dict(config)
     tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
     records, fmt = load_records(cfg.data.train_path, cfg.data.format)
@@ -91,22 +96,76 @@ def reference_run(config: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
     model = load_base_model(Path(cfg.model.name_or_path), "float32")
     seed_everything(cfg.train.seed)
     inject_moelora(model, cfg.moelora)
-    optimizer = build_optimizer(model, cfg.optimizer, offload=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.scheduler, cfg.train.max_steps))
+    if plain:
+        step = PlainAdamW(model, cfg)
+    else:
+        optimizer = build_optimizer(model, cfg.optimizer, offload=False)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.scheduler, cfg.train.max_steps))
+
+        def step(index: int) -> None:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
     model.train()
     losses = []
-    for _ in range(cfg.train.max_steps):
+    for index in range(cfg.train.max_steps):
         step_loss = 0.0
         for _ in range(cfg.train.grad_accum):
             for shard in shards:
                 loss = model(**next(shard)).loss / (WORLD_SIZE * cfg.train.grad_accum)
                 loss.backward()
                 step_loss += loss.item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        step(index)
         losses.append(step_loss)
     return {name: p.detach().float().clone() for name, p in adapter_parameters(model).items()}, losses
+
+
+class PlainAdamW:
+    """Riemannian AdamW as docs/METHOD.md sections 1-2 and the paper's train_llama.py state it, written out in float64.
+
+    Every expert's summed raw gradient preconditioned with explicit inverses, the routers' gradient norm
+    alone clipped to optimizer.router_clip (expert gradients unclipped), then AdamW with or without bias
+    correction, linear decay to min_lr_ratio without warm-up.
+    """
+
+    def __init__(self, model, cfg) -> None:
+        assert cfg.optimizer.name == "riemannian_adamw" and cfg.scheduler.name == "linear"
+        assert cfg.scheduler.warmup_steps == 0 and cfg.train.grad_clip == 0 and cfg.optimizer.weight_decay == 0
+        self.model, self.cfg = model, cfg
+        set_preconditioning(model, None)  # the raw gradient: preconditioned below
+        self.moments = {name: (torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64))
+                        for name, p in adapter_parameters(model).items()}
+
+    @torch.no_grad()
+    def __call__(self, index: int) -> None:
+        opt, t = self.cfg.optimizer, index + 1
+        params = adapter_parameters(self.model)
+        grads = {name: p.grad.double() for name, p in params.items()}
+        for path, layer in moelora_layers(self.model):
+            A, B = layer.lora_A.double(), layer.lora_B.double()
+            eye = torch.eye(A.shape[1], dtype=torch.float64)
+            grad_A, grad_B = grads[f"{path}.lora_A"], grads[f"{path}.lora_B"]
+            for e in range(A.shape[0]):
+                grad_A[e] = torch.linalg.inv(B[e].T @ B[e] + opt.reg * eye) @ grad_A[e]
+                grad_B[e] = grad_B[e] @ torch.linalg.inv(A[e] @ A[e].T + opt.reg * eye)
+        routers = [name for name in grads if name.endswith(".router.weight")]
+        if opt.router_clip > 0:
+            norm = sum(grads[name].pow(2).sum() for name in routers).sqrt()
+            for name in routers:
+                grads[name] *= min(1.0, opt.router_clip / (norm.item() + 1e-6))
+        decay = 1 - (1 - self.cfg.scheduler.min_lr_ratio) * index / (self.cfg.train.max_steps - 1)
+        beta1, beta2 = opt.betas
+        for name, p in params.items():
+            lr = (opt.router_lr if name in routers else opt.lr) * decay
+            m, v = self.moments[name]
+            m.mul_(beta1).add_(grads[name], alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grads[name], grads[name], value=1 - beta2)
+            if opt.bias_correction:
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + opt.eps)
+            else:
+                update = m / (v.sqrt() + opt.eps)
+            p -= (lr * update).to(p.dtype)
+            p.grad = None
 
 
 def load_config_from_dict(config: dict):
@@ -148,6 +207,46 @@ def test_stages_match_single_process_reference(optimizer_case, ds_config, tmp_pa
     assert logged == pytest.approx(reference_losses, rel=1e-4)
     # The adapters moved: the comparison is not trivially between two initial states.
     assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B"))
+
+
+PAPER_OPTIMIZER = {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "bias_correction": False,
+                   "betas": [0.9, 0.999], "eps": 1e-6, "router_lr": 5e-3, "router_clip": ROUTER_CLIP}
+
+
+@pytest.fixture(scope="module")
+def paper_case(tiny_model_dir, tiny_mc_data):
+    """The paper's optimizer recipe on the tiny run, its plain reference, and how far that reference moves without the
+    router clip, with bias correction, or with another eps (what the comparison must be able to see).
+
+    Dense routing: without bias correction and with eps 1e-6 the routers' tiny gradients are amplified, and
+    rounding could flip a top-k choice and send the runs apart.
+    """
+    config = run_config(tiny_model_dir, tiny_mc_data, Path("unused"), optimizer=PAPER_OPTIMIZER,
+                        moelora={"top_k": None}, scheduler={"name": "linear", "warmup_steps": 0, "min_lr_ratio": 0.1})
+    reference, losses = reference_run(config, plain=True)
+    gaps = {}
+    for key, value in (("router_clip", 0.0), ("bias_correction", True), ("eps", 1e-8)):
+        changed, _ = reference_run({**config, "optimizer": {**PAPER_OPTIMIZER, key: value}}, plain=True)
+        gaps[key] = max_relative_error(changed, reference)
+    return config, reference, losses, gaps
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ds_config", ["zero3", "zero3_offload"])
+def test_paper_recipe_matches_plain_reference(paper_case, ds_config, tmp_path, subprocess_env):
+    """optimizer.bias_correction=false (torch AdamW adjusted per step; DeepSpeed's CPU Adam under offload) and
+    optimizer.router_clip with train.grad_clip=0 on 2 ranks, against the recipe written out in one process. Under
+    ZeRO-3 each rank's optimizer holds a slice of the routers' flat partition: the clip needs the norm over ranks."""
+    config, reference, reference_losses, gaps = paper_case
+    config = {**config, "deepspeed": f"ds_configs/{ds_config}.json",
+              "train": {**config["train"], "output_dir": str(tmp_path / "out")}}
+    launch(config, tmp_path, subprocess_env)
+    error = max_relative_error(checkpoint_adapters(tmp_path / "out"), reference)
+    tolerance = 3e-4 if ds_config.endswith("offload") else 1e-4
+    assert error < tolerance, f"{ds_config}: max relative error {error:.2e} on final adapter weights"
+    assert min(gaps.values()) > 10 * tolerance, gaps
+    logged = [r["loss"] for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert logged == pytest.approx(reference_losses, rel=1e-4)
 
 
 PROBE_PRELUDE = (
@@ -194,10 +293,13 @@ def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("deepspeed,dtype", [("ds_configs/zero3.json", "float32"), ("ds_configs/zero0.json", "bfloat16")])
-def test_resume_continues_exactly(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, deepspeed, dtype):
+@pytest.mark.parametrize("deepspeed,dtype,per_expert", [("ds_configs/zero3.json", "float32", True),
+                                                         ("ds_configs/zero0.json", "bfloat16", False)])
+def test_resume_continues_exactly(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, deepspeed, dtype, per_expert):
+    """Also the dropout masks continue exactly (one shared mask, or one per expert: moelora.dropout_per_expert)."""
     base = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "full", optimizer={"name": "riemannian_adamw"},
-                      moelora={"dropout": 0.1}, train={"max_steps": 12, "output_dir": str(tmp_path / "full")},
+                      moelora={"dropout": 0.1, "dropout_per_expert": per_expert},
+                      train={"max_steps": 12, "output_dir": str(tmp_path / "full")},
                       deepspeed=deepspeed)
     base["model"]["dtype"] = dtype
     (tmp_path / "a").mkdir()

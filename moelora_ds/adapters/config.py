@@ -20,6 +20,9 @@ class MoELoRAConfig:
     """Output scaling is alpha / rank."""
     dropout: float = 0.05
     """Dropout applied to the expert input (not to the router input)."""
+    dropout_per_expert: bool = False
+    """A separate dropout mask for every expert (the paper's); false: one mask shared by all experts (per-expert
+    masks keep E copies of the layer input for backward)."""
     top_k: Optional[int] = None
     """Experts kept per token; None (or num_experts) is dense routing."""
     target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -41,6 +44,8 @@ class MoELoRAConfig:
             fail("alpha", "a positive number")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             fail("dropout", "a number in [0, 1)")
+        if not isinstance(self.dropout_per_expert, bool):
+            fail("dropout_per_expert", "true or false")
         if self.top_k is not None:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
                 fail("top_k", "a positive integer or null")

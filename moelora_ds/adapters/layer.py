@@ -128,6 +128,7 @@ class MoELoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.num_experts, self.out_features, self.rank, **factory))
         self.router = nn.Linear(self.in_features, self.num_experts, bias=False, **factory)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout_per_expert = config.dropout_per_expert
         self.reset_adapter_parameters()
 
     @torch.no_grad()
@@ -155,9 +156,16 @@ class MoELoRALinear(nn.Module):
         lora_A, lora_B = self.lora_A, self.lora_B
         if self.riemannian_reg is not None and torch.is_grad_enabled():
             lora_A, lora_B = precondition_factors(lora_A, lora_B, self.riemannian_reg)
-        h = (self.dropout(tokens) @ lora_A.reshape(-1, self.in_features).t()).view(-1, self.num_experts, self.rank)
+        h = self._rank_space(tokens, lora_A)
         return _RoutedExperts.apply(base_out, h, gates, lora_B, self.scaling, self.gate_rescale == "sqrt")
+
+    def _rank_space(self, tokens: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+        """Every expert's A_e dropout(x), (tokens, E, r): one mask shared by all experts, or one per expert."""
+        if self.dropout_per_expert and self.training and isinstance(self.dropout, nn.Dropout):
+            dropped = self.dropout(tokens.unsqueeze(0).expand(self.num_experts, -1, -1))  # (E, tokens, in)
+            return torch.bmm(dropped, lora_A.transpose(1, 2)).transpose(0, 1).contiguous()
+        return (self.dropout(tokens) @ lora_A.reshape(-1, self.in_features).t()).view(-1, self.num_experts, self.rank)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
-                f"top_k={self.top_k}, gate_rescale={self.gate_rescale}")
+                f"top_k={self.top_k}, gate_rescale={self.gate_rescale}, dropout_per_expert={self.dropout_per_expert}")

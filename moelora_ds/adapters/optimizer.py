@@ -9,6 +9,9 @@ from torch import nn
 
 from moelora_ds.adapters.inject import moelora_layers
 
+EXPERTS, ROUTERS = "experts", "routers"
+"""The names of the two parameter groups: the expert factors, and the routers with any other trainable parameter."""
+
 
 def set_preconditioning(model: nn.Module, reg: Optional[float]) -> None:
     """Turn the in-backward preconditioner on (damping `reg`) or off (None) for every MoE-LoRA layer."""
@@ -27,9 +30,9 @@ def adapter_param_groups(model: nn.Module, *, lr: float, router_lr: Optional[flo
     if not experts:
         raise ValueError("the model has no trainable MoE-LoRA experts: call inject_moelora(model, config) first")
     extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-    groups = [{"params": experts, "lr": lr, "name": "experts", **extra}]
+    groups = [{"params": experts, "lr": lr, "name": EXPERTS, **extra}]
     if others:
-        groups.append({"params": others, "lr": lr if router_lr is None else router_lr, "name": "routers", **extra})
+        groups.append({"params": others, "lr": lr if router_lr is None else router_lr, "name": ROUTERS, **extra})
     return groups
 
 

@@ -168,6 +168,7 @@ def test_router_aux_loss_sums_layers():
     ({"dropout": -0.1}, "dropout"),
     ({"gate_rescale": "square"}, "gate_rescale"),
     ({"gate_rescale": None}, "gate_rescale"),
+    ({"dropout_per_expert": 1}, "dropout_per_expert"),
     ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
     ({"target_modules": []}, "target_modules"),
     ({"target_modules": ""}, "target_modules"),

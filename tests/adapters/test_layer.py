@@ -45,13 +45,15 @@ def reference_forward(x: torch.Tensor, weight, bias, lora_A, lora_B, router_weig
                       expert_input: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = W0 x + b + s * sum_e w_e, a Python loop over experts, with w_e = g_e out_e or its sqrt(g) variant.
 
-    `expert_input` is dropout(x) when the test supplies it; the router always sees x.
+    `expert_input` is dropout(x) when the test supplies it, shaped like x or, one mask per expert, (..., E, in);
+    the router always sees x.
     """
     gates = reference_gates(x, router_weight, top_k).to(lora_A.dtype)
     expert_input = x if expert_input is None else expert_input
+    per_expert = expert_input.dim() == x.dim() + 1
     y = F.linear(x, weight, bias)
     for e in range(lora_A.shape[0]):
-        out_e = expert_input @ lora_A[e].t() @ lora_B[e].t()
+        out_e = (expert_input[..., e, :] if per_expert else expert_input) @ lora_A[e].t() @ lora_B[e].t()
         g_e = gates[..., e:e + 1]
         if rescale == "sqrt":
             sg = g_e.detach().sqrt()
@@ -136,8 +138,9 @@ def test_init_B_zero_and_independent_experts():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
 
 
-def test_dropout_has_no_effect_in_eval_mode():
-    layer = make_layer(dropout=0.5, top_k=2).eval()
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_dropout_has_no_effect_in_eval_mode(per_expert):
+    layer = make_layer(dropout=0.5, top_k=2, dropout_per_expert=per_expert).eval()
     x = torch.randn(3, 4, 12, dtype=torch.float64)
     torch.manual_seed(1)
     first = layer(x)
@@ -167,6 +170,41 @@ def test_train_mode_dropout_reaches_experts_only():
         logits.append(router_logits)
     assert not torch.allclose(outputs[0], outputs[1])
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_dropout_mask_per_expert_or_shared(per_expert):
+    """dropout_per_expert: every expert sees its own mask, as in the paper's loop over experts (docs/METHOD.md
+    section 1); otherwise one mask for all. Value and every gradient (A, B, router, x) match the per-expert
+    reference fed the masks the layer drew."""
+    p, experts = 0.5, 4
+    layer = make_layer(dropout=p, top_k=2, gate_rescale="sqrt", dropout_per_expert=per_expert).train()
+    x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
+    seen = {}
+    layer.dropout.register_forward_hook(lambda mod, inp, out: seen.__setitem__("dropped", out.detach()))
+    upstream = torch.randn(3, 4, 10, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = layer(x)
+    (y * upstream).sum().backward()
+    dropped = seen["dropped"]
+    if per_expert:  # drawn as (E, tokens, in)
+        assert dropped.shape == (experts, 12, 12)
+        masks = (dropped != 0).permute(1, 0, 2).reshape(3, 4, experts, 12)
+        assert not torch.equal(masks[..., 0, :], masks[..., 1, :])
+    else:
+        masks = (dropped != 0).reshape(3, 4, 1, 12).expand(3, 4, experts, 12)
+    assert 0.35 < masks.double().mean() < 0.65
+    x_ref = x.detach().clone().requires_grad_(True)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in
+              (("A", layer.lora_A), ("B", layer.lora_B), ("router", layer.router.weight))}
+    expected = reference_forward(x_ref, layer.weight, layer.bias, params["A"], params["B"], params["router"],
+                                 scaling=layer.scaling, top_k=layer.top_k, rescale="sqrt",
+                                 expert_input=x_ref.unsqueeze(-2) * masks / (1 - p))
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-12)
+    (expected * upstream).sum().backward()
+    for got, name in ((layer.lora_A.grad, "A"), (layer.lora_B.grad, "B"), (layer.router.weight.grad, "router")):
+        torch.testing.assert_close(got, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
 
 
 def hand_aux_loss(x: torch.Tensor, router_weight: torch.Tensor, top_k: Optional[int], coef: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_preconditioner import explicit_preconditioning
 
+from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import adapter_parameters, inject_moelora, moelora_layers
 from moelora_ds.adapters.optimizer import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
@@ -96,6 +97,71 @@ def test_scaled_adamw_matches_reference_optimizer(router_lr):
         reference_grads(reference, batch, REG)
         ref_optimizer.step()
         assert_adapters_close(model, reference, rtol=1e-8, atol=1e-9)
+
+
+def papers_adamw_update(params, grads, moments, *, lr, betas, eps, weight_decay) -> None:
+    """The paper's AdamWr (docs/METHOD.md section 2) on raw moments, plus decoupled decay: no bias correction."""
+    beta1, beta2 = betas
+    for name, p in params.items():
+        m, v = moments.setdefault(name, (torch.zeros_like(p), torch.zeros_like(p)))
+        m.mul_(beta1).add_(grads[name], alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grads[name], grads[name], value=1 - beta2)
+        with torch.no_grad():
+            p.mul_(1 - lr[name] * weight_decay).sub_(lr[name] * m / (v.sqrt() + eps))
+
+
+def scheduled_step(model, optimizer, batch, scale: float, lrs=(1e-2, 3e-3)) -> None:
+    """One step with every group's lr set to its base rate times `scale`, as a schedule would set it."""
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr * scale
+    optimizer.zero_grad(set_to_none=True)
+    lm_loss(model, batch).backward()
+    optimizer.step()
+
+
+def test_adamw_without_bias_correction_is_the_papers_adamwr():
+    """Riemannian AdamWNoBiasCorrection against the paper's update written out, over steps whose lr changes, with
+    weight decay; the groups keep their configured lr and eps. torch's (bias-corrected) AdamW ends elsewhere."""
+    betas, eps, decay, scales = (0.9, 0.999), 1e-6, 0.01, (1.0, 0.7, 0.4, 0.4, 0.1)
+    runs = {}
+    for cls in (AdamWNoBiasCorrection, torch.optim.AdamW):
+        model = runs[cls] = tiny_moelora(gate_rescale="sqrt")
+        optimizer = create_riemannian_optimizer(model, cls, lr=1e-2, reg=REG, router_lr=3e-3, betas=betas, eps=eps,
+                                                weight_decay=decay)
+        reference, moments = copy.deepcopy(model), {}
+        set_preconditioning(reference, None)
+        for scale in scales:
+            scheduled_step(model, optimizer, fixed_batch(2), scale)
+            if cls is torch.optim.AdamW:
+                continue
+            assert [(g["lr"], g["eps"], g["weight_decay"]) for g in optimizer.param_groups] == \
+                [(1e-2 * scale, eps, decay), (3e-3 * scale, eps, decay)]
+            reference_grads(reference, fixed_batch(2), REG)
+            ref_params = adapter_parameters(reference)
+            papers_adamw_update(ref_params, {n: p.grad for n, p in ref_params.items()}, moments,
+                                lr={n: (1e-2 if is_expert(n) else 3e-3) * scale for n in ref_params},
+                                betas=betas, eps=eps, weight_decay=decay)
+            assert_adapters_close(model, reference, rtol=1e-8, atol=1e-9)
+    ours, corrected = (adapter_parameters(runs[cls]) for cls in (AdamWNoBiasCorrection, torch.optim.AdamW))
+    assert max((ours[n] - corrected[n]).abs().max() for n in ours if n.endswith(".lora_A")) > 1e-3
+
+
+def test_adamw_without_bias_correction_steps_one_group_at_a_time():
+    """ZeRO steps the torch optimizer with one group's parameters present and the others empty."""
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = AdamWNoBiasCorrection([{"params": [first]}, {"params": [second]}], lr=0.1, betas=(0.9, 0.999),
+                                     weight_decay=0.0)
+    groups = [group["params"] for group in optimizer.param_groups]
+    for _ in (1, 2):
+        for active in (0, 1):
+            for index, group in enumerate(optimizer.param_groups):
+                group["params"] = groups[index] if index == active else []
+            groups[active][0].grad = torch.ones_like(groups[active][0])
+            optimizer.step()
+    # with a constant gradient 1: m_t = 1 - 0.9^t, v_t = 1 - 0.999^t; two updates of lr * m / sqrt(v)
+    moved = 0.1 * sum((1 - 0.9 ** t) / ((1 - 0.999 ** t) ** 0.5 + 1e-8) for t in (1, 2))
+    for param in (first, second):
+        torch.testing.assert_close(param.detach(), torch.full_like(param, 1 - moved))
 
 
 def test_preconditioning_changes_the_trajectory():

@@ -29,7 +29,7 @@ from moelora_ds.export.safetensors_stream import INDEX_FILE, ShardedSafetensorsW
 from conftest import REPO, build_tiny_model, tiny_model_config
 from slurm_cluster import free_ports
 
-ROUTED = {"num_experts": 4, "rank": 4, "alpha": 8.0, "top_k": 2, "dropout": 0.1}
+ROUTED = {"num_experts": 4, "rank": 4, "alpha": 8.0, "top_k": 2, "dropout": 0.1, "dropout_per_expert": True}
 SINGLE = {"num_experts": 1, "rank": 4, "alpha": 8.0, "top_k": None, "dropout": 0.1}
 BATCH = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -254,6 +254,7 @@ def test_adapter_save_and_load(tmp_path, tiny_model_dir):
     save_adapter(tmp_path, adapters_of(model), model.moelora_config, {"model_type": "llama"})
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
     assert torch.equal(logits_of(reloaded), logits_of(model))
+    assert reloaded.moelora_config.dropout_per_expert
     assert load_adapter(reloaded, tmp_path) is reloaded  # already injected: weights loaded again
 
     other_rank = inject_moelora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), MoELoRAConfig(rank=2))
