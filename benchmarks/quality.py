@@ -5,7 +5,11 @@ seeds, steps, batch size):
   plain            optimizer.name=sgd|adamw,                       moelora.gate_rescale=none
   riemannian       optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=none
   riemannian+sqrt  optimizer.name=riemannian_sgd|riemannian_adamw, moelora.gate_rescale=sqrt
-Every cell (optimizer, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
+each in one or more optimizer forms (`--forms`, quality_report.FORMS): `ours`, the configuration as it is,
+and `paper`, the paper's recipe (launcher/configs/paper.yaml: AdamW without bias correction, betas
+(0.9, 0.999), eps 1e-6; SGD without momentum; routers at lr 3e-8 with their own clip 1.0, expert
+gradients unclipped, a dropout mask per expert).
+Every cell (optimizer, form, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
 --config CONFIG` with overrides, in its own output directory OUT/CELL; `--parallel N` runs N cells at once
 (on GPUs each on its own R devices, on CPU each with cores / (N * R) threads); its result, the final evaluation
 (metrics.jsonl's last record with "accuracy"), goes to OUT/CELL/result.json. The driver just loops over
@@ -21,6 +25,7 @@ Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, deta
        --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 120 --deepspeed=ds_configs/zero0.json
        --data.train_on_eos=false --train.eval_every=40; any further --key=value goes to every cell's train.py;
        with the end-of-turn token in the loss too, accuracy on this quiz jumps only after ~150 steps)
+      (the paper's AdamW and ours side by side, 3 seeds: --optimizers adamw --forms paper ours --seeds 1 2 3)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
@@ -41,7 +46,16 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import METHODS, OPTIMIZERS, RESULT_FILE, SWEEP_FILE, fmt_acc, sweep_settings, write_report  # noqa: E402
+from quality_report import (  # noqa: E402
+    FORMS,
+    METHODS,
+    OPTIMIZERS,
+    RESULT_FILE,
+    SWEEP_FILE,
+    fmt_acc,
+    sweep_settings,
+    write_report,
+)
 
 from bench_utils import BENCH_DIR, REPO_ROOT, free_port, launch_env  # noqa: E402
 
@@ -59,10 +73,11 @@ class Cell:
     method: str
     lr: float
     seed: int
+    form: str = "ours"
 
     @property
     def name(self) -> str:
-        return f"{self.optimizer}-{self.method}-lr{self.lr:g}-seed{self.seed}"
+        return f"{self.optimizer}-{self.form}-{self.method}-lr{self.lr:g}-seed{self.seed}"
 
     @property
     def optimizer_name(self) -> str:
@@ -71,7 +86,8 @@ class Cell:
     def overrides(self, sgd_momentum: float = 0.0) -> list[str]:
         momentum = [f"--optimizer.momentum={sgd_momentum:g}"] if self.optimizer == "sgd" else []
         return [f"--optimizer.name={self.optimizer_name}", f"--optimizer.lr={self.lr:g}",
-                f"--moelora.gate_rescale={METHODS[self.method][1]}", f"--train.seed={self.seed}", *momentum]
+                f"--moelora.gate_rescale={METHODS[self.method][1]}", f"--train.seed={self.seed}", *momentum,
+                *FORMS[self.form][self.optimizer]]
 
 
 def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple[list[str], dict[str, str]]:
@@ -83,9 +99,9 @@ def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple
     return ["--num_gpus", str(num_ranks)], {"OMP_NUM_THREADS": str(threads)}
 
 
-def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds) -> list[Cell]:
-    return [Cell(opt, method, lr, seed) for opt in optimizers for lr in rates[opt] for method in methods
-            for seed in seeds]
+def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds, forms=("ours",)) -> list[Cell]:
+    return [Cell(opt, method, lr, seed, form) for opt in optimizers for form in forms for lr in rates[opt]
+            for method in methods for seed in seeds]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -104,13 +120,14 @@ def read_result(cell_dir: Path) -> Optional[dict]:
 
 
 def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: float) -> dict:
-    """The cell's result record from its metrics.jsonl: final accuracy, eval loss, last training loss, skips."""
+    """The cell's result record from its metrics.jsonl: final accuracy, eval loss, last training loss, skips, and the
+    last evaluation and training records whole (whatever else the trainer logs there, routing statistics say)."""
     from moelora_ds.metrics import read_metrics
 
     records = read_metrics(cell_dir)
     evals = [r for r in records if "accuracy" in r]
     train = [r for r in records if "loss" in r and "tokens_per_s" in r]
-    return {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
+    return {"optimizer": cell.optimizer, "form": cell.form, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
             "optimizer_name": cell.optimizer_name, "gate_rescale": METHODS[cell.method][1],
             "accuracy": evals[-1]["accuracy"] if evals else None,
             "eval_loss": evals[-1].get("eval_loss") if evals else None,
@@ -118,6 +135,7 @@ def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: flo
             "final_train_loss": train[-1]["loss"] if train else None,
             "steps": train[-1]["step"] if train else 0,
             "skipped_steps": sum(1 for r in train if r.get("skipped")),
+            "final_eval_record": evals[-1] if evals else None, "final_train_record": train[-1] if train else None,
             "exit_code": returncode, "wall_s": round(wall_s, 1)}
 
 
@@ -222,6 +240,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--forms", nargs="+", default=["ours"], choices=list(FORMS),
+                        help="optimizer forms: ours (the configuration as it is), paper (the paper's recipe)")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="learning rates for every optimizer")
     parser.add_argument("--sgd-rates", type=float, nargs="+", default=DEFAULT_RATES["sgd"])
     parser.add_argument("--adamw-rates", type=float, nargs="+", default=DEFAULT_RATES["adamw"])
@@ -286,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         base.append(f"--data.eval_max_samples={args.eval_max_samples or 'null'}")
         if args.warmup_steps is not None:
             base.append(f"--scheduler.warmup_steps={args.warmup_steps}")
-        cells = cells_of(args.optimizers, args.methods, rates, args.seeds)
+        cells = cells_of(args.optimizers, args.methods, rates, args.seeds, args.forms)
         print(f"[quality] {len(cells)} cells in {args.out_dir}; "
               f"{sum(read_result(args.out_dir / c.name) is not None for c in cells)} already done", flush=True)
         args.out_dir.mkdir(parents=True, exist_ok=True)

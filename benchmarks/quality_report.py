@@ -20,6 +20,14 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
     "riemannian+sqrt": (True, "sqrt"),
 }
 OPTIMIZERS = ("sgd", "adamw")
+_PAPER_ROUTING = ["--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0", "--train.grad_clip=0",
+                  "--moelora.dropout_per_expert=true"]
+FORMS = {  # name -> optimizer -> overrides: "ours" is the configuration as it is, "paper" launcher/configs/paper.yaml
+    "ours": {"sgd": [], "adamw": []},
+    "paper": {"sgd": [*_PAPER_ROUTING, "--optimizer.momentum=0"],
+              "adamw": [*_PAPER_ROUTING, "--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]",
+                        "--optimizer.eps=1e-6"]},
+}
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
 COLLAPSED_SHARE = 0.9  # a cell that gave one answer this often is reported as collapsed
@@ -38,40 +46,50 @@ def collect(out_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out_dir.glob(f"*/{RESULT_FILE}"))]
 
 
+def arm(result: dict) -> tuple[str, str, str]:
+    """(optimizer, form, method) of a result; results from before forms existed ran the configuration as it is."""
+    return result["optimizer"], result.get("form", "ours"), result["method"]
+
+
+def arms_of(optimizer: str, present) -> list[tuple[str, str, str]]:
+    """The arms of `optimizer` among `present`, in form then method order."""
+    return [(optimizer, form, method) for form in FORMS for method in METHODS if (optimizer, form, method) in present]
+
+
 def summarize(results: list[dict], chance: float):
-    """{(optimizer, method): {lr: mean accuracy over seeds}} and the rates of each optimizer."""
-    table: dict[tuple[str, str], dict[float, list[float]]] = {}
+    """{(optimizer, form, method): {lr: mean accuracy over seeds}}."""
+    table: dict[tuple[str, str, str], dict[float, list[float]]] = {}
     for r in results:
-        table.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(cell_accuracy(r, chance))
+        table.setdefault(arm(r), {}).setdefault(r["lr"], []).append(cell_accuracy(r, chance))
     return {key: {lr: mean(v) for lr, v in sorted(by_lr.items())} for key, by_lr in table.items()}
 
 
 def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], dict]:
-    """One markdown table per optimizer (methods x rates, mean, worst, best-worst) and summary lines."""
+    """One markdown table per optimizer (arms x rates, mean, worst, best-worst) and summary lines."""
     summary = summarize(results, chance)
     tables, notes = [], []
     for opt in OPTIMIZERS:
-        keys = [(opt, m) for m in METHODS if (opt, m) in summary]
+        keys = arms_of(opt, summary)
         if not keys:
             continue
         rates = sorted({lr for k in keys for lr in summary[k]})
-        header = ["optimizer", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst"]
+        header = ["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst"]
         rows = []
         for key in keys:
             accs = summary[key]
             values = [accs[lr] for lr in rates if lr in accs]
             complete = len(values) == len(rates)
-            rows.append([opt, key[1], *[fmt_acc(accs.get(lr)) for lr in rates],
+            rows.append([*key, *[fmt_acc(accs.get(lr)) for lr in rates],
                          fmt_acc(mean(values)) + ("" if complete else "*"), fmt_acc(min(values)),
                          f"{100 * (max(values) - min(values)):.1f}"])
             if not complete:
-                notes.append(f"- {opt} {key[1]}: {len(values)} of {len(rates)} rates finished (* mean of those)")
+                notes.append(f"- {' '.join(key)}: {len(values)} of {len(rates)} rates finished (* mean of those)")
         tables.append(markdown_table(header, rows))
         best = max(keys, key=lambda k: mean(summary[k].values()))
         robust = max(keys, key=lambda k: min(summary[k].values()))
-        notes.append(f"- {opt}: highest mean accuracy: {best[1]} ({fmt_acc(mean(summary[best].values()))}); "
-                     f"highest worst-case accuracy: {robust[1]} ({fmt_acc(min(summary[robust].values()))})")
-    collapsed = [f"{r['optimizer']} {r['method']} lr {r['lr']:g} seed {r['seed']} ({letter} {100 * share:.0f}%)"
+        notes.append(f"- {opt}: highest mean accuracy: {' '.join(best[1:])} ({fmt_acc(mean(summary[best].values()))}); "
+                     f"highest worst-case accuracy: {' '.join(robust[1:])} ({fmt_acc(min(summary[robust].values()))})")
+    collapsed = [f"{' '.join(arm(r))} lr {r['lr']:g} seed {r['seed']} ({letter} {100 * share:.0f}%)"
                  for r in results for letter, share in [dominant_answer(r)] if share >= COLLAPSED_SHARE]
     if collapsed:
         notes.append(f"- collapsed onto one answer (>= {100 * COLLAPSED_SHARE:.0f}% of the questions): "
@@ -91,18 +109,18 @@ def dominant_answer(result: dict) -> tuple[str, float]:
 
 def eval_loss_table(results: list[dict]) -> str:
     """Final eval loss per cell (mean over seeds), one table per optimizer: learning shows here first."""
-    losses: dict[tuple[str, str], dict[float, list[float]]] = {}
+    losses: dict[tuple[str, str, str], dict[float, list[float]]] = {}
     for r in results:
         if r.get("eval_loss") is not None and not r.get("diverged"):
-            losses.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(r["eval_loss"])
+            losses.setdefault(arm(r), {}).setdefault(r["lr"], []).append(r["eval_loss"])
     tables = []
     for opt in OPTIMIZERS:
-        keys = [(opt, m) for m in METHODS if (opt, m) in losses]
+        keys = arms_of(opt, losses)
         rates = sorted({lr for key in keys for lr in losses[key]})
         if keys:
-            rows = [[opt, key[1], *[f"{mean(losses[key][lr]):.3f}" if lr in losses[key] else "-" for lr in rates]]
+            rows = [[*key, *[f"{mean(losses[key][lr]):.3f}" if lr in losses[key] else "-" for lr in rates]]
                     for key in keys]
-            tables.append(markdown_table(["optimizer", "method", *[f"lr {lr:g}" for lr in rates]], rows))
+            tables.append(markdown_table(["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates]], rows))
     return "\n\n".join(tables)
 
 
@@ -115,12 +133,13 @@ def accuracy_by_step_table(out_dir: Path) -> str:
         r = json.loads(result_path.read_text())
         curve = {e["step"]: e["accuracy"] for e in read_metrics(result_path.parent) if "accuracy" in e}
         steps |= curve.keys()
-        rows.append(((OPTIMIZERS.index(r["optimizer"]), r["lr"], list(METHODS).index(r["method"]), r["seed"]),
-                     [r["optimizer"], r["method"], f"{r['lr']:g}", str(r["seed"])], curve))
+        optimizer, form, method = arm(r)
+        rows.append(((OPTIMIZERS.index(optimizer), list(FORMS).index(form), r["lr"], list(METHODS).index(method),
+                      r["seed"]), [optimizer, form, method, f"{r['lr']:g}", str(r["seed"])], curve))
     if len(steps) < 2:
         return ""
     steps = sorted(steps)
-    return markdown_table(["optimizer", "method", "lr", "seed", *[f"step {s}" for s in steps]],
+    return markdown_table(["optimizer", "form", "method", "lr", "seed", *[f"step {s}" for s in steps]],
                           [[*cells, *[fmt_acc(curve.get(s)) for s in steps]] for _, cells, curve in sorted(rows)])
 
 
@@ -131,12 +150,15 @@ def plot(summary: dict, path: Path, chance: float) -> None:
     import matplotlib.pyplot as plt
 
     optimizers = [opt for opt in OPTIMIZERS if any(k[0] == opt for k in summary)]
+    several_forms = len({k[1] for k in summary}) > 1
     fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.2), squeeze=False)
     for ax, opt in zip(axes[0], optimizers):
-        for method, marker, color in zip(METHODS, "osD", ("C0", "C1", "C2")):  # one colour per method in every plot
-            accs = summary.get((opt, method))
-            if accs:
-                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, color=color, label=method)
+        for form, style in zip(FORMS, ("-", "--")):  # one line style per form, one colour per method in every plot
+            for method, marker, color in zip(METHODS, "osD", ("C0", "C1", "C2")):
+                accs = summary.get((opt, form, method))
+                if accs:
+                    ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, color=color, linestyle=style,
+                            label=f"{method} ({form})" if several_forms else method)
         ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
         ax.set_ylim(0, 100)  # the same scale everywhere: a few points around chance must not look like a trend
         ax.set_xscale("log")
@@ -192,9 +214,13 @@ def write_report(args, config_path: Path) -> None:
         f"{sweep['num_ranks'] * run_config.train.micro_batch_size} questions, gradient clipping "
         f"{run_config.train.grad_clip or 'off'}; seeds {seeds}; same data order, "
         f"adapter initialisation and steps in every cell",
-        f"- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
-        f"with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt; AdamW betas "
-        f"{tuple(run_config.optimizer.betas)}, SGD momentum {sweep['sgd_momentum']:g}",
+        "- methods: `plain` optimizer.name=sgd|adamw with gate_rescale=none; `riemannian` riemannian_sgd|adamw "
+        "with gate_rescale=none; `riemannian+sqrt` riemannian_* with gate_rescale=sqrt",
+        f"- forms: `ours` the configuration's own optimizer settings (AdamW betas {tuple(run_config.optimizer.betas)}, "
+        f"eps {run_config.optimizer.eps:g}, bias correction {'on' if run_config.optimizer.bias_correction else 'off'}, "
+        f"router lr {run_config.optimizer.router_lr or 'the expert lr'}; SGD momentum {sweep['sgd_momentum']:g}); "
+        f"`paper` the paper's recipe (launcher/configs/paper.yaml): AdamW `{' '.join(FORMS['paper']['adamw'])}`, "
+        f"SGD `{' '.join(FORMS['paper']['sgd'])}`",
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
         f"(first {run_config.data.eval_max_samples} records)" if run_config.data.eval_max_samples else
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",

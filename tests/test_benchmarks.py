@@ -88,6 +88,24 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "--optimizer.name=riemannian_sgd" in sqrt.overrides() and "--moelora.gate_rescale=sqrt" in sqrt.overrides()
     assert "--optimizer.momentum=0.9" in sqrt.overrides(0.9)
     assert not any("momentum" in o for c in cells if c.optimizer == "adamw" for o in c.overrides(0.9))
+    paper = quality.cells_of(["sgd", "adamw"], ["riemannian+sqrt"], {"sgd": [0.01], "adamw": [1e-4]}, [1], ["paper"])
+    sgd_paper, adamw_paper = (c.overrides(0.9) for c in paper)
+    for wanted in ("--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0", "--train.grad_clip=0",
+                   "--moelora.dropout_per_expert=true"):
+        assert wanted in sgd_paper and wanted in adamw_paper
+    assert {"--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]", "--optimizer.eps=1e-6"} \
+        <= set(adamw_paper)
+    assert sgd_paper.index("--optimizer.momentum=0") > sgd_paper.index("--optimizer.momentum=0.9")  # the last wins
+    assert [c.name for c in paper] == ["sgd-paper-riemannian+sqrt-lr0.01-seed1",
+                                       "adamw-paper-riemannian+sqrt-lr0.0001-seed1"]
+    from moelora_ds.config import load_config
+
+    recipe = load_config(REPO / "launcher" / "configs" / "paper.yaml")
+    form = load_config(REPO / "launcher" / "configs" / "quickstart.yaml", adamw_paper)
+    assert (form.optimizer.bias_correction, form.optimizer.betas, form.optimizer.eps, form.optimizer.router_lr,
+            form.optimizer.router_clip, form.train.grad_clip, form.moelora.dropout_per_expert) == \
+        (recipe.optimizer.bias_correction, recipe.optimizer.betas, recipe.optimizer.eps, recipe.optimizer.router_lr,
+         recipe.optimizer.router_clip, recipe.train.grad_clip, recipe.moelora.dropout_per_expert)
     assert quality.slot_launch(1, 2, 2, on_gpu=True) == (["--include", "localhost:2,3"], {})
     devices, env = quality.slot_launch(0, 1, 2, on_gpu=False)
     assert devices == ["--num_gpus", "1"] and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
@@ -110,6 +128,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     record = quality.result_from_metrics(cells[0], trained, 0, 1.0)
     assert (record["accuracy"], record["eval_loss"], record["predicted"], record["steps"]) == (0.5, 1.2,
                                                                                               final["predicted"], 4)
+    assert (record["form"], record["final_eval_record"], record["final_train_record"]) == ("ours", final, step)
 
     class Args:  # a finished cell is never retrained
         out_dir = out
@@ -117,17 +136,17 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     md, png = tmp_path / "r.md", tmp_path / "q.png"
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
-    assert "<!-- BEGIN quality -->" in text and "| optimizer | method | lr 0.01 | lr 0.1 | mean | worst |" in text
+    assert "<!-- BEGIN quality -->" in text and "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
     # three methods per optimizer in the accuracy and eval-loss tables, then one row per finished cell
     assert text.count("| sgd |") == 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 5
     assert "1 of 2 rates finished" in text
     collapsed = cells[1]
-    assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} {collapsed.method} "
+    assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} ours {collapsed.method} "
             f"lr {collapsed.lr:g} seed 1 (A 95%)\n") in text
-    assert "| sgd | plain | 1.000 | 1.030 |" in text
-    assert "| optimizer | method | lr | seed | step 2 | step 4 |" in text  # accuracy during training, per cell
-    assert "| sgd | plain | 0.01 | 1 | 25.0 | 30.0 |" in text and text.count("| 25.0 |") == 11
+    assert "| sgd | ours | plain | 1.000 | 1.030 |" in text
+    assert "| optimizer | form | method | lr | seed | step 2 | step 4 |" in text  # accuracy during training, per cell
+    assert "| sgd | ours | plain | 0.01 | 1 | 25.0 | 30.0 |" in text and text.count("| 25.0 |") == 11
     assert png.stat().st_size > 1000
 
 
@@ -144,7 +163,8 @@ def test_throughput_flop_count():
 
 @pytest.mark.distributed
 def test_training_benchmarks_smoke(tmp_path):
-    """One real launch each, at once: throughput's PEFT baseline (through peak_memory.py) and one quality cell."""
+    """One real launch each, at once: throughput's PEFT baseline (through peak_memory.py) and one quality cell (in the
+    paper's form: no bias correction, router clip, unclipped experts, a dropout mask per expert)."""
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -153,7 +173,8 @@ def test_training_benchmarks_smoke(tmp_path):
         "throughput": [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--methods", "peft",
                        "--memory-world-sizes", "--results", str(tmp_path / "t.md")],
         "quality": [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--methods", "plain",
-                    "--rates", "0.01", "--results", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png")],
+                    "--forms", "paper", "--rates", "0.01", "--results", str(tmp_path / "q.md"), "--plot",
+                    str(tmp_path / "q.png")],
     }
     running = {name: (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=(tmp_path / f"{name}.out").open("w"),
                                        stderr=subprocess.STDOUT), tmp_path / f"{name}.out")
@@ -163,4 +184,4 @@ def test_training_benchmarks_smoke(tmp_path):
     throughput = (tmp_path / "t.md").read_text()
     assert "| peft | 2 | 3 |" in throughput and "of bf16 peak" in throughput
     quality = (tmp_path / "q.md").read_text()
-    assert "| adamw | plain |" in quality and (tmp_path / "q.png").stat().st_size > 1000
+    assert "| adamw | paper | plain |" in quality and (tmp_path / "q.png").stat().st_size > 1000
