@@ -46,16 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import (  # noqa: E402
-    FORMS,
-    METHODS,
-    OPTIMIZERS,
-    RESULT_FILE,
-    SWEEP_FILE,
-    fmt_acc,
-    sweep_settings,
-    write_report,
-)
+from quality_report import FORMS, METHODS, OPTIMIZERS, RESULT_FILE, SWEEP_FILE, fmt_acc, sweep_settings, write_report  # noqa: E402
 
 from bench_utils import BENCH_DIR, REPO_ROOT, free_port, launch_env  # noqa: E402
 

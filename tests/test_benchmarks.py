@@ -136,7 +136,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     md, png = tmp_path / "r.md", tmp_path / "q.png"
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
-    assert "<!-- BEGIN quality -->" in text and "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
+    assert "<!-- BEGIN quality -->" in text
+    assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
     # three methods per optimizer in the accuracy and eval-loss tables, then one row per finished cell
     assert text.count("| sgd |") == 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 5
