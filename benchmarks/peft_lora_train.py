@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     from moelora_ds.engine import seed_everything
     from moelora_ds.lm_loss import causal_lm_loss
     from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
+    from moelora_ds.precision import resolve_dtype
     from moelora_ds.optim_factory import scheduler_factory
 
     config = load_config(args.config, overrides)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     model = load_base_model(model_dir, config.model.dtype, ds_config)
     seed_everything(train.seed)
-    dtype = DTYPES[config.model.dtype]
+    dtype = DTYPES[resolve_dtype(config.model.dtype, announce=False)]
     opt = config.optimizer
     if args.mode == "peft":
         add_peft_lora(model, config.moelora.target_modules, args.lora_rank, args.lora_alpha,
