@@ -45,6 +45,9 @@ def test_wrong_type_names_file_and_key(tmp_path):
     ("--moelora.gate_rescale=cube", r"moelora\.gate_rescale: expected one of"),
     ("--train.epochs=2", r"set exactly one of max_steps and epochs"),
     ("--optimizer.reg=0", r"optimizer\.reg: expected a positive value"),
+    ("--health.dead_share=1", r"health\.dead_share: expected a value in \[0, 1\)"),
+    ("--health.max_share=0", r"health\.max_share: expected a value in \(0, 1\]"),
+    ("--health.patience=0", r"health\.patience: expected a positive number of intervals"),
 ])
 def test_invalid_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
