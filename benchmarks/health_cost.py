@@ -167,7 +167,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"- {args.threads} torch thread(s); CPU time of this process per step, median of {args.reps} interleaved "
         f"rounds after {warmup} warm-up steps each; `on` ends a logging interval every step (log_every=1, the most "
         f"health work per step); `health code`: CPU time (this thread) inside the layers' recording calls, "
-        f"RoutingStats.flush and ExpertHealth.interval, averaged over the `on` steps",
+        f"RoutingStats.flush and ExpertHealth.interval, averaged over the `on` steps: the measure of the cost, as "
+        f"the paired ratio cannot resolve differences below the per-round noise of a shared machine",
         "",
         table,
     ]

@@ -11,9 +11,10 @@ Every cell (optimizer, method, lr, seed) is one training run, `deepspeed --num_g
 (metrics.jsonl's last record with "accuracy"), with the expert health of the last logged step (dead experts,
 smallest and largest expert share, router entropy) and the number of collapse alarms, goes to
 OUT/CELL/result.json. The driver just loops over the cells and skips those whose result.json exists, so it
-can be stopped and restarted at any time, or started detached with --background. `--report` (quality_report.py) reads the result files and writes the
-table (accuracy per cell; mean, worst and best-minus-worst over the sweep per method) into the `quality`
-section of benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
+can be stopped and restarted at any time, or started detached with --background. `--report`
+(quality_report.py) reads the result files and writes the table (accuracy per cell; mean, worst and
+best-minus-worst over the sweep per method; expert use) into the `quality` section of benchmarks/RESULTS.md
+and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
 
 Data: the WordNet definition quiz, `python -m moelora_ds.data.wordnet --out data/wordnet --seed 0`.
 
