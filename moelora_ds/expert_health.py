@@ -116,9 +116,8 @@ def plot_heat_maps(panels: Mapping[str, torch.Tensor], names: Sequence[str], pat
         return None
     layers, experts = next(iter(panels.values())).shape
     top = max(float(torch.nan_to_num(share).max()) for share in panels.values()) or 1.0
-    height = 1.6 + 0.2 * layers
-    figure, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
-                                figsize=(2.5 + (1.0 + 0.5 * experts) * len(panels), height))
+    figure, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True, layout="constrained",
+                                figsize=(2.5 + (1.0 + 0.5 * experts) * len(panels), 1.2 + 0.18 * layers))
     for axis, (label, share) in zip(axes[0], panels.items()):
         image = axis.imshow(share.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
         axis.set_title(label, fontsize=9)
@@ -129,9 +128,9 @@ def plot_heat_maps(panels: Mapping[str, torch.Tensor], names: Sequence[str], pat
                 axis.text(col, row, f"{float(value):.0%}", ha="center", va="center", fontsize=6,
                           color="white" if float(value) < 0.6 * top else "black")
     axes[0][0].set_yticks(range(layers))
-    axes[0][0].set_yticklabels(_short_names(names), fontsize=max(4, min(8, 400 // max(layers, 1))))
+    axes[0][0].set_yticklabels(_short_names(names), fontsize=8 if layers <= 40 else 6)
     figure.colorbar(image, ax=axes[0].tolist(), label="share of routed slots")
-    figure.suptitle(title, fontsize=10, y=1 + 0.3 / height)
+    figure.suptitle(title, fontsize=10)
     path = Path(path)
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
