@@ -164,6 +164,7 @@ class ExpertHealth:
         sums = reduce_routing(self.stats)
         if logger is None:
             return
+        sums[~torch.isfinite(sums).all(dim=1)] = 0.0  # a non-finite forward (a skipped step) voids its layers' interval
         self.run_sums += sums
         self.steps[1] = step
         summary = routing_summary(sums, self.config.dead_share)

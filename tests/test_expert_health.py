@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import inject_moelora, moelora_layers
 from moelora_ds.adapters.layer import MoELoRALinear, route
-from moelora_ds.adapters.routing_stats import RoutingStats, routing_sums, routing_summary
+from moelora_ds.adapters.routing_stats import RoutingStats, routing_summary, routing_sums
 from moelora_ds.config import HealthConfig
 from moelora_ds.expert_health import ALARM_ADVICE, CollapseAlarm, ExpertHealth, alarm_message, reduce_routing
 from moelora_ds.metrics import MetricsLogger, read_metrics
@@ -148,3 +149,29 @@ def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_pat
     assert (tmp_path / "expert_health.png").stat().st_size > 0
     assert {"health/model.layers.1.self_attn.q_proj/share_3", "health/model.layers.0.self_attn.q_proj/entropy",
             "dead_experts", "loss"} <= {tag for tag, step in logger.tensorboard.scalars if step == 2}
+
+
+def test_a_non_finite_interval_is_left_out_of_the_run_totals(tmp_path):
+    model = inject_moelora(build_tiny_model("llama"), MoELoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.0,
+                                                                    target_modules=["q_proj"]))
+    health = ExpertHealth(model, HealthConfig(), torch.device("cpu"), first_step=1)
+    logger = MetricsLogger(tmp_path, total_steps=2, start_step=0)
+    embeddings = model.get_input_embeddings().weight
+    clean = embeddings.detach().clone()
+    ids = torch.arange(10, 22).reshape(2, 6)
+    records = []
+    for step in (1, 2):
+        with torch.no_grad():
+            embeddings.copy_(clean)
+            if step == 1:
+                embeddings[12] = float("nan")  # as a poisoned batch of a step that train.nonfinite=skip discards
+        with torch.no_grad(), health.recording(torch.ones_like(ids)):
+            model(input_ids=ids)
+        records.append({"step": step})
+        health.interval(step, records[-1], logger)
+    assert math.isnan(records[0]["router_entropy"]) and records[0]["dead_experts"] == 0
+    assert math.isfinite(records[1]["router_entropy"])
+    health.finish(tmp_path, logger)
+    logger.close()
+    saved = json.loads((tmp_path / "expert_health.json").read_text())
+    assert [layer["tokens"] for layer in saved["layers"]] == [12, 12]  # step 2's tokens only
