@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import inject_moelora
 from moelora_ds.adapters.layer import MoELoRALinear, route
-from moelora_ds.adapters.routing_stats import RoutingStats, attach_routing_stats, routing_sums, routing_summary
+from moelora_ds.adapters.routing_stats import RoutingStats, attach_routing_stats, routing_summary, routing_sums
 
 # Three tokens' router probabilities over three experts; top-2 keeps {0, 1}, {0, 1} and {0, 2}.
 PROBS = torch.tensor([[0.5, 0.3, 0.2], [0.95, 0.03, 0.02], [0.15, 0.05, 0.8]])
