@@ -119,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one rank of the 2-rank run: 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, random batch, 2 repetitions")
     parser.add_argument("--results", type=Path, default=None, help="default benchmarks/RESULTS.md (none under --smoke)")
-    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/health_cost.png (none under --smoke)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default benchmarks/health_cost.png (none under --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.reps = 2
