@@ -12,11 +12,13 @@ gradients unclipped, a dropout mask per expert).
 Every cell (optimizer, form, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
 --config CONFIG` with overrides, in its own output directory OUT/CELL; `--parallel N` runs N cells at once
 (on GPUs each on its own R devices, on CPU each with cores / (N * R) threads); its result, the final evaluation
-(metrics.jsonl's last record with "accuracy"), goes to OUT/CELL/result.json. The driver just loops over
-the cells and skips those whose result.json exists, so it can be stopped and restarted at any time, or
-started detached with --background. `--report` (quality_report.py) reads the result files and writes the
-table (accuracy per cell; mean, worst and best-minus-worst over the sweep per method) into the `quality`
-section of benchmarks/RESULTS.md and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
+(metrics.jsonl's last record with "accuracy"), with the expert health of the last logged step (dead experts,
+smallest and largest expert share, router entropy) and the number of collapse alarms, goes to
+OUT/CELL/result.json. The driver just loops over the cells and skips those whose result.json exists, so it
+can be stopped and restarted at any time, or started detached with --background. `--report`
+(quality_report.py) reads the result files and writes the table (accuracy per cell; mean, worst and
+best-minus-worst over the sweep per method; expert use) into the `quality` section of benchmarks/RESULTS.md
+and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
 
 Data: the WordNet definition quiz, `python -m moelora_ds.data.wordnet --out data/wordnet --seed 0`.
 
@@ -113,6 +115,7 @@ def read_result(cell_dir: Path) -> Optional[dict]:
 def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: float) -> dict:
     """The cell's result record from its metrics.jsonl: final accuracy, eval loss, last training loss, skips, and the
     last evaluation and training records whole (whatever else the trainer logs there, routing statistics say)."""
+    from moelora_ds.expert_health import SUMMARY_KEYS
     from moelora_ds.metrics import read_metrics
 
     records = read_metrics(cell_dir)
@@ -127,6 +130,8 @@ def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: flo
             "steps": train[-1]["step"] if train else 0,
             "skipped_steps": sum(1 for r in train if r.get("skipped")),
             "final_eval_record": evals[-1] if evals else None, "final_train_record": train[-1] if train else None,
+            "health": {key: train[-1][key] for key in SUMMARY_KEYS if train and key in train[-1]},
+            "health_alarms": sum(len(r.get("health_alarm", {})) for r in train),
             "exit_code": returncode, "wall_s": round(wall_s, 1)}
 
 

@@ -124,6 +124,27 @@ def eval_loss_table(results: list[dict]) -> str:
     return "\n\n".join(tables)
 
 
+def expert_use_table(results: list[dict]) -> str:
+    """Dead experts and the largest expert share at the last step per cell (means over seeds), one table per
+    optimizer; empty when no cell recorded expert health."""
+    use: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = {}
+    for r in results:
+        health = r.get("health") or {}
+        if "dead_experts" in health:
+            use.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(
+                (health["dead_experts"], health["expert_share_max"]))
+    tables = []
+    for opt in OPTIMIZERS:
+        keys = [(opt, m) for m in METHODS if (opt, m) in use]
+        rates = sorted({lr for key in keys for lr in use[key]})
+        if keys:
+            def cell(values: list[tuple[float, float]]) -> str:
+                return f"{mean(v[0] for v in values):.0f} dead, max {mean(v[1] for v in values):.0%}"
+            rows = [[opt, key[1], *[cell(use[key][lr]) if lr in use[key] else "-" for lr in rates]] for key in keys]
+            tables.append(markdown_table(["optimizer", "method", *[f"lr {lr:g}" for lr in rates]], rows))
+    return "\n\n".join(tables)
+
+
 def accuracy_by_step_table(out_dir: Path) -> str:
     """Accuracy (%) at every evaluation during training, one row per cell (cells run with train.eval_every > 0)."""
     from moelora_ds.metrics import read_metrics
@@ -238,6 +259,10 @@ def write_report(args, config_path: Path) -> None:
         "",
         eval_loss_table(results),
     ]
+    experts = expert_use_table(results)
+    if experts:
+        body += ["", "Expert use at the last step (expert health: experts below health.dead_share of their layer's "
+                 "routed slots, in all layers; the largest share of one expert in any layer):", "", experts]
     curves = accuracy_by_step_table(args.out_dir)
     if curves:
         body += ["", "Accuracy (%) at each evaluation during training (when learning sets in):", "", curves]

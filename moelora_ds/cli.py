@@ -113,6 +113,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="an exported directory: merged model or adapter export")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
     parser.add_argument("--json-out", default=None, help="also write the result as JSON to this file")
+    parser.add_argument("--routing-report", metavar="OUT", default=None,
+                        help="also write how the MoE-LoRA layers route the data (per layer and expert; per answer "
+                             "class for multiple-choice data) to OUT.json and a heat map to OUT.png")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -142,6 +145,8 @@ def eval_main(argv: list[str] | None = None) -> int:
             config, checkpoint=Path(args.checkpoint) if args.checkpoint else None, tag=args.tag,
             exported=Path(args.model) if args.model else None,
             is_converter=local_rank() == 0, barrier=dist.barrier)
+        if args.routing_report:  # first: a model without routed layers fails before the evaluation's time is spent
+            _routing_report(args.routing_report, config, model, tokenizer, what, rank, world_size)
         result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,
                               micro_batch_size=config.train.micro_batch_size)
         if rank == 0:
@@ -154,6 +159,21 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         dist.destroy_process_group()
+
+
+def _routing_report(out: str, config, model, tokenizer, what: str, rank: int, world_size: int) -> None:
+    """`moelora-eval --routing-report OUT`: every rank routes its share; rank 0 writes OUT.json and OUT.png."""
+    from moelora_ds.routing_report import ALL, routing_report
+
+    report = routing_report(model, config.data, tokenizer, dead_share=config.health.dead_share, rank=rank,
+                            world_size=world_size, micro_batch_size=config.train.micro_batch_size)
+    if rank == 0:
+        json_path, png = report.write(Path(out), what)
+        overall = report.summaries[ALL]
+        print(f"moelora-eval: routing of {len(report.names)} layers over {int(overall['tokens'][0])} {report.counted}: "
+              f"expert shares {float(overall['share'].min()):.1%}-{float(overall['share'].max()):.1%}, "
+              f"{int(overall['dead'].sum())} dead expert(s); wrote {json_path}"
+              + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"), flush=True)
 
 
 def train_command() -> NoReturn:

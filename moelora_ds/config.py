@@ -138,6 +138,21 @@ class TrainLoopConfig:
 
 
 @dataclass
+class HealthConfig:
+    enabled: bool = True
+    """Record every adapted layer's routing (share of routed slots per expert, router entropy, confidently routed
+    tokens) over each logging interval, summed over ranks: a summary in metrics.jsonl, per-layer TensorBoard
+    scalars, a collapse alarm and expert_health.png at the end (README, "Expert health")."""
+    dead_share: float = 0.01
+    """An expert is dead in an interval when it gets less than this fraction of its layer's routed slots."""
+    max_share: float = 0.9
+    """An expert dominates when it gets more than this fraction of its layer's routed slots (dense routing: its mean
+    gate). With top-k an expert has at most 1/k of the slots, so there a collapse shows as dead experts."""
+    patience: int = 10
+    """Logging intervals in a row a layer must have a dead or a dominating expert before the collapse alarm."""
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moelora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
@@ -145,6 +160,7 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     deepspeed: Union[str, dict] = "ds_configs/zero3.json"
     """A DeepSpeed JSON file (relative paths also tried against the repo) or an inline dict."""
     source: str = field(default="<defaults>", metadata={"internal": True})
@@ -323,6 +339,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: scheduler.warmup_steps: expected 0 or more, got {config.scheduler.warmup_steps}")
     if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
         raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
+    health = config.health
+    if not 0 <= health.dead_share < 1:
+        raise ConfigError(f"{src}: health.dead_share: expected a value in [0, 1), got {health.dead_share}")
+    if not 0 < health.max_share <= 1:
+        raise ConfigError(f"{src}: health.max_share: expected a value in (0, 1], got {health.max_share}")
+    if health.patience < 1:
+        raise ConfigError(f"{src}: health.patience: expected a positive number of intervals, got {health.patience}")
 
 
 def advisories(config: RunConfig) -> list[str]:

@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,7 @@ from moelora_ds.data.records import DataError, load_records, tokenize_as_configu
 from moelora_ds.distributed.process_group import all_sum, init_distributed, local_rank
 from moelora_ds.ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from moelora_ds.evaluate import evaluate_run
+from moelora_ds.expert_health import ExpertHealth
 from moelora_ds.lm_loss import causal_lm_loss
 from moelora_ds.metrics import MetricsLogger
 from moelora_ds.model_loading import load_base_model, load_tokenizer, local_model_dir
@@ -116,6 +118,8 @@ class Trainer:
         undo_state_initialization_step(self.engine.optimizer)
         self.step = 0
         self.preemption = PreemptionFlag()
+        self.health: Optional[ExpertHealth] = None
+        """Routing telemetry (health.enabled), attached in train() once the first step is known."""
 
     def _batches_or_error_on_every_rank(self) -> ShardedBatches:
         """This rank's batches; if loading failed on any rank, a DataError on all of them (each names its own
@@ -219,7 +223,8 @@ class Trainer:
         for micro in range(micro_batches):
             batch = {k: v.to(self.device) for k, v in next(batch_iter).items()}
             tokens += int(batch["attention_mask"].sum())
-            loss = causal_lm_loss(self.engine, batch)
+            with self.health.recording(batch["attention_mask"]) if self.health is not None else nullcontext():
+                loss = causal_lm_loss(self.engine, batch)
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
@@ -238,6 +243,8 @@ class Trainer:
     def train(self) -> int:
         self.resume()
         logger = MetricsLogger(self.output_dir, self.total_steps, self.step) if self.rank == 0 else None
+        if self.config.health.enabled:
+            self.health = ExpertHealth(self.engine.module, self.config.health, self.device, first_step=self.step + 1)
         batch_iter = iter(self.batches)
         train = self.config.train
         exit_code = 0
@@ -262,9 +269,12 @@ class Trainer:
                              and not last)
             if evaluated:
                 record.update(self.evaluate())
+            logged = self.step % train.log_every == 0 or last or evaluated
+            if logged and self.health is not None:
+                self.health.interval(self.step, record, logger)
             if logger is not None:
                 logger.advance(self.step, stats.loss, lr, tokens_per_s)
-                if self.step % train.log_every == 0 or last or evaluated:
+                if logged:
                     logger.log(record)
             if preempted:
                 self.save()
@@ -282,6 +292,8 @@ class Trainer:
                     logger.log({"step": self.step, **final})
                     logger.write(f"[moelora-ds] final evaluation: {final}")
         if logger is not None:
+            if self.health is not None:
+                self.health.finish(self.output_dir, logger)
             logger.close()
         dist.barrier()  # leave together: a rank tearing its process group down while another still used it aborted
         return exit_code

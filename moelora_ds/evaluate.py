@@ -100,11 +100,15 @@ def _split_multiple_choice(record: dict, choices: Sequence[str], index: int) -> 
     return messages[:-1], gold
 
 
+def multiple_choice_answers(records: Sequence[dict], choices: Sequence[str]) -> list[str]:
+    """Every record's answer, one of `choices`; ValueError when a record is not a chat ending with one."""
+    return [_split_multiple_choice(record, choices, index)[1] for index, record in enumerate(records)]
+
+
 def is_multiple_choice(records: Sequence[dict], choices: Sequence[str]) -> bool:
     """Whether every record is a chat whose final assistant answer is one of `choices`."""
     try:
-        for index, record in enumerate(records):
-            _split_multiple_choice(record, choices, index)
+        multiple_choice_answers(records, choices)
     except ValueError:
         return False
     return bool(records)
@@ -173,13 +177,18 @@ def _predict(model: torch.nn.Module, tokenizer, prompts: list[str], token_ids: l
     return scores.argmax(dim=-1).tolist()
 
 
+def eval_records(data_config) -> tuple[list[dict], str]:
+    """The records of `data_config.eval_path` (the first `eval_max_samples`) and their format."""
+    records, fmt = load_records(data_config.eval_path, data_config.format)
+    limit: Optional[int] = data_config.eval_max_samples
+    return (records if limit is None else records[:limit]), fmt
+
+
 def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, world_size: int,
                  micro_batch_size: int) -> dict:
     """The training run's evaluation of `data_config.eval_path`: {"eval_loss"} and, for multiple-choice
     chat data whose answers are `data_config.choices`, {"accuracy", "predicted"} (predictions per choice)."""
-    records, fmt = load_records(data_config.eval_path, data_config.format)
-    limit: Optional[int] = data_config.eval_max_samples
-    records = records if limit is None else records[:limit]
+    records, fmt = eval_records(data_config)
     examples, _ = tokenize_as_configured(records, fmt, tokenizer, data_config)
     batches = eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            pad_token_id=tokenizer.pad_token_id)

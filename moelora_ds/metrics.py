@@ -44,10 +44,14 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        self.scalars({k: v for k, v in record.items() if k != "step"}, record["step"])
+
+    def scalars(self, values: dict, step: int) -> None:
+        """The numbers among `values` to TensorBoard only (metrics.jsonl keeps the compact record)."""
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
 
     def write(self, message: str) -> None:
         self.progress.write(message)

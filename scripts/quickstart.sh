@@ -57,5 +57,9 @@ rate = sum(r["tokens_per_s"] for r in steps) / len(steps)
 print(f"accuracy before: {before['accuracy']:.1%}   after: {after['accuracy']:.1%}   "
       f"(eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f})")
 print(f"training: {len(steps)} steps, mean {rate:,.0f} tokens/s; wall time of the whole job: {time.time() - started:.0f} s")
+last = steps[-1]
+if "dead_experts" in last:
+    print(f"expert health at step {last['step']}: {last['dead_experts']} dead experts, expert shares "
+          f"{last['expert_share_min']:.1%}-{last['expert_share_max']:.1%}; heat map: {out}/expert_health.png")
 print(f"loss curve: {out}/loss_curve.png   metrics: {out}/metrics.jsonl   merged model: outputs/quickstart-merged")
 PY

@@ -22,6 +22,7 @@ SCRIPTS = {
     "optimizer.py": ("| dtype | tokens | layers | adamw ms/step | riemannian ms/step |", 2, "optimizer"),
     "step_profile.py": ("| trainer | CPU ms/step | tokens/s (CPU time) | vs frozen |", 3, "step_profile"),
     "export_memory.py": ("| mode | max shard | shards | largest shard MiB |", 2, "export_memory"),
+    "health_cost.py": ("| health | CPU ms/step | vs off (paired) |", 2, "health_cost"),
 }
 
 
@@ -114,7 +115,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         (out / cell.name).mkdir(parents=True)
         record = {"optimizer": cell.optimizer, "method": cell.method, "lr": cell.lr, "seed": cell.seed,
                   "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0,
-                  "predicted": {"A": 19, "B": 1, "C": 0, "D": 0} if i == 1 else {"A": 5, "B": 5, "C": 5, "D": 5}}
+                  "predicted": {"A": 19, "B": 1, "C": 0, "D": 0} if i == 1 else {"A": 5, "B": 5, "C": 5, "D": 5},
+                  "health": {"dead_experts": 2 * (i % 2), "expert_share_max": 0.4}}
         (out / cell.name / quality.RESULT_FILE).write_text(json.dumps(record))
         evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25},
                  {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
@@ -123,12 +125,15 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     trained = tmp_path / "trained"  # a result record as the driver builds it from a cell's metrics.jsonl
     trained.mkdir()
     final = {"step": 4, "eval_loss": 1.2, "accuracy": 0.5, "predicted": {"A": 7, "B": 1, "C": 0, "D": 0}}
-    step = {"step": 4, "loss": 1.3, "lr": 0.1, "tokens_per_s": 9.0}
-    (trained / "metrics.jsonl").write_text(json.dumps(step) + "\n" + json.dumps(final) + "\n")
+    alarmed = {"step": 2, "loss": 1.4, "lr": 0.1, "tokens_per_s": 9.0, "dead_experts": 3,
+               "health_alarm": {"model.layers.0.self_attn.q_proj": "expert 1 gets less than 1% of the routed slots"}}
+    step = {"step": 4, "loss": 1.3, "lr": 0.1, "tokens_per_s": 9.0, "dead_experts": 1, "expert_share_max": 0.45}
+    (trained / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (alarmed, step, final)))
     record = quality.result_from_metrics(cells[0], trained, 0, 1.0)
     assert (record["accuracy"], record["eval_loss"], record["predicted"], record["steps"]) == (0.5, 1.2,
                                                                                               final["predicted"], 4)
     assert (record["form"], record["final_eval_record"], record["final_train_record"]) == ("ours", final, step)
+    assert record["health"] == {"dead_experts": 1, "expert_share_max": 0.45} and record["health_alarms"] == 1
 
     class Args:  # a finished cell is never retrained
         out_dir = out
@@ -139,8 +144,9 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "<!-- BEGIN quality -->" in text
     assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
-    # three methods per optimizer in the accuracy and eval-loss tables, then one row per finished cell
-    assert text.count("| sgd |") == 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 5
+    # three methods per optimizer in the accuracy, eval-loss and expert-use tables, then one row per finished cell
+    assert text.count("| sgd |") == 3 + 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 3 + 5
+    assert "Expert use at the last step" in text and "| sgd | plain | 0 dead, max 40% | 2 dead, max 40% |" in text
     assert "1 of 2 rates finished" in text
     collapsed = cells[1]
     assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} ours {collapsed.method} "

@@ -48,6 +48,9 @@ def test_wrong_type_names_file_and_key(tmp_path):
     ("--optimizer.router_clip=-1", r"optimizer\.router_clip: expected 0 \(off\) or a positive norm"),
     ("--optimizer.bias_correction=maybe", r"optimizer\.bias_correction: expected true or false"),
     ("--moelora.dropout_per_expert=1", r"moelora\.dropout_per_expert: expected true or false"),
+    ("--health.dead_share=1", r"health\.dead_share: expected a value in \[0, 1\)"),
+    ("--health.max_share=0", r"health\.max_share: expected a value in \(0, 1\]"),
+    ("--health.patience=0", r"health\.patience: expected a positive number of intervals"),
 ])
 def test_invalid_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -370,14 +370,33 @@ def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path,
 
 
 @pytest.mark.distributed
-def test_riemannian_sgd_with_clipping_warns_at_start(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
-    """The start-up advisory reaches the user's console once (rank 0), and the run still trains."""
+def test_start_up_advisory_and_collapse_alarm_reach_the_console_once(tiny_model_dir, tiny_mc_data, tmp_path,
+                                                                     subprocess_env):
+    """The start-up advisory and a collapse alarm (forced: some expert of 4 always has at most a quarter of the
+    routed slots, below health.dead_share=0.26) reach the user's console once each (rank 0), the run still trains,
+    and the routing statistics count the real tokens of both ranks' micro-batches."""
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": "riemannian_sgd", "lr": 0.1})
     config["train"].update(max_steps=1, grad_clip=1.0)
+    config["health"] = {"dead_share": 0.26, "patience": 1}
     result = launch(config, tmp_path, subprocess_env)
     output = result.stdout + result.stderr
     assert output.count("train.grad_clip=1 with optimizer.name=riemannian_sgd") == 1, output[-3000:]
-    assert [r["step"] for r in read_metrics(tmp_path / "out") if "loss" in r] == [1]
+    assert output.count("expert collapse at step 1") == 1, output[-3000:]
+    (record,) = [r for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert record["step"] == 1 and len(record["health_alarm"]) == 8  # 2 decoder layers x q, k, v, o
+    assert 0 <= record["expert_share_min"] <= 0.25 <= record["expert_share_max"] <= 0.5  # top-2: at most half the slots
+    cfg = load_config_from_dict(config)
+    tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
+    examples, _ = tokenize_as_configured(*load_records(cfg.data.train_path, cfg.data.format), tokenizer, cfg.data)
+    tokens = 0
+    for rank in range(WORLD_SIZE):
+        shard = iter(ShardedBatches(examples, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
+                                    world_size=WORLD_SIZE, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                                    max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id))
+        tokens += sum(int(next(shard)["attention_mask"].sum()) for _ in range(cfg.train.grad_accum))
+    health = json.loads((tmp_path / "out" / "expert_health.json").read_text())
+    assert [layer["tokens"] for layer in health["layers"]] == [tokens] * 8
+    assert (tmp_path / "out" / "expert_health.png").stat().st_size > 0
 
 
 @pytest.mark.distributed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,8 @@ class MoELoRALinear(nn.Module):
         """Damping delta of the Riemannian preconditioner; None leaves expert gradients as they are."""
         self.aux_loss: Optional[torch.Tensor] = None
         """Load-balancing loss of the last training forward (None when the coefficient is 0)."""
+        self.routing_stats: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+        """Called with (gates, probs) on every forward when set (adapters/routing_stats.py)."""
 
         self.weight = base.weight
         self.bias = base.bias
@@ -152,6 +154,8 @@ class MoELoRALinear(nn.Module):
         gates, probs = route(self.router(tokens), self.top_k)
         self.aux_loss = (load_balancing_loss(gates, probs, self.aux_loss_coef)
                          if self.aux_loss_coef > 0 and self.training else None)
+        if self.routing_stats is not None:
+            self.routing_stats(gates, probs)
 
         lora_A, lora_B = self.lora_A, self.lora_B
         if self.riemannian_reg is not None and torch.is_grad_enabled():

@@ -33,9 +33,16 @@ def all_sum(values: list[float], device) -> list[float]:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def all_sum_tensor(tensor):
+    """`tensor` summed over all ranks in place (one all-reduce; unchanged outside a multi-rank group), returned."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
