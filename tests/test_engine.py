@@ -10,38 +10,20 @@ import pytest
 import torch
 import yaml
 
-from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
-from moelora_ds.checkpoints.locate import read_run_info
-from moelora_ds.config import load_config
-from moelora_ds.data.batches import ShardedBatches
-from moelora_ds.data.records import load_records, tokenize_as_configured
-from moelora_ds.engine import seed_everything
 from moelora_ds.metrics import read_metrics
-from moelora_ds.model_loading import load_base_model, load_tokenizer
-from moelora_ds.optim_factory import build_optimizer, lr_multiplier
 
 from conftest import REPO
+from harness import (
+    bf16_bound,
+    checkpoint_adapters,
+    global_relative_error,
+    max_relative_error,
+    reference_run,
+    run_config,
+)
 
 WORLD_SIZE = 2
 STEPS = 10
-
-
-def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -> dict:
-    """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2."""
-    config = {
-        "model": {"name_or_path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32"},
-        "moelora": {"num_experts": 4, "rank": 4, "alpha": 8, "dropout": 0.0, "top_k": 2, "gate_rescale": "sqrt",
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "optimizer": {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "router_lr": 5e-3},
-        "scheduler": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
-        "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},
-        "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "grad_clip": 0.0, "seed": 7,
-                  "output_dir": str(output_dir), "resume": "never"},
-        "deepspeed": "ds_configs/zero3.json",
-    }
-    for section, values in sections.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
-    return config
 
 
 def launch(config: dict, workdir: Path, env: dict, *extra: str, world_size: int = WORLD_SIZE,
@@ -65,76 +47,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def checkpoint_adapters(output_dir: Path) -> dict[str, torch.Tensor]:
-    """Final fp32 adapter weights from the latest checkpoint (ZeRO partitions gathered, or stage 0's module)."""
-    root = output_dir / "checkpoints"
-    tag = (root / "latest").read_text().strip()
-    if read_run_info(root / tag)["zero_stage"] == 0:
-        state = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    return {name: tensor.float() for name, tensor in state.items() if ".lora_" in name or ".router." in name}
-
-
-def reference_run(config: dict) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The same run in one process: the global batch of every step is the union of the ranks' micro-batches."""
-    cfg = load_config_from_dict(config)
-    tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
-    records, fmt = load_records(cfg.data.train_path, cfg.data.format)
-    examples, _ = tokenize_as_configured(records, fmt, tokenizer, cfg.data)
-    shards = [iter(ShardedBatches(examples, micro_batch_size=cfg.train.micro_batch_size, rank=r, world_size=WORLD_SIZE,
-                                  seed=cfg.train.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
-                                  max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id))
-              for r in range(WORLD_SIZE)]
-    model = load_base_model(Path(cfg.model.name_or_path), "float32")
-    seed_everything(cfg.train.seed)
-    inject_moelora(model, cfg.moelora)
-    optimizer = build_optimizer(model, cfg.optimizer, offload=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.scheduler, cfg.train.max_steps))
-    model.train()
-    losses = []
-    for _ in range(cfg.train.max_steps):
-        step_loss = 0.0
-        for _ in range(cfg.train.grad_accum):
-            for shard in shards:
-                loss = model(**next(shard)).loss / (WORLD_SIZE * cfg.train.grad_accum)
-                loss.backward()
-                step_loss += loss.item()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(step_loss)
-    return {name: p.detach().float().clone() for name, p in adapter_parameters(model).items()}, losses
-
-
-def load_config_from_dict(config: dict):
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
-        yaml.safe_dump(config, handle)
-    return load_config(handle.name)
-
-
-def max_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    assert set(got) == set(want), set(got) ^ set(want)
-    return max(((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item() for k in want)
-
-
 @pytest.fixture(scope="module", params=["riemannian_sgd", "riemannian_adamw"])
 def optimizer_case(request, tiny_model_dir, tiny_mc_data):
     lr = {"riemannian_sgd": 0.2, "riemannian_adamw": 1e-2}[request.param]
     config = run_config(tiny_model_dir, tiny_mc_data, Path("unused"), optimizer={"name": request.param, "lr": lr})
-    reference, losses = reference_run(config)
-    return request.param, config, reference, losses
+    reference = reference_run(config, WORLD_SIZE)
+    return request.param, config, reference.adapters, reference.losses
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("ds_config", ["zero0", "zero1", "zero2", "zero3", "zero3_offload"])
-def test_stages_match_single_process_reference(optimizer_case, ds_config, tmp_path, subprocess_env):
+@pytest.mark.parametrize("ds_config,checkpointing", [("zero0", False), ("zero1", False), ("zero2", False),
+                                                     ("zero3", False), ("zero3_offload", True)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero3_offload-gradient_checkpointing"])
+def test_stages_match_single_process_reference(optimizer_case, ds_config, checkpointing, tmp_path, subprocess_env):
+    """Every stage trains like the reference; the offload case also recomputes activations in backward (gradient
+    checkpointing under ZeRO-3: the recomputed forward must find its partitioned frozen weights gathered again)."""
     name, config, reference, reference_losses = optimizer_case
     config = {**config, "deepspeed": f"ds_configs/{ds_config}.json",
+              "model": {**config["model"], "gradient_checkpointing": checkpointing},
               "train": {**config["train"], "output_dir": str(tmp_path / "out")}}
     launch(config, tmp_path, subprocess_env)
     trained = checkpoint_adapters(tmp_path / "out")
@@ -244,12 +174,6 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
     assert sorted(n > 0 for n in reports[0]["norms"]) == [False, False, True, True], reports[0]
 
 
-def global_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """||got - want|| / ||want|| over all adapter tensors together."""
-    squared = lambda tensors: sum(t.double().pow(2).sum() for t in tensors)
-    return (squared(got[k] - want[k] for k in want) / squared(want.values())).sqrt().item()
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 3])
 @pytest.mark.parametrize("name,plain,lr", [("riemannian_sgd", "sgd", 0.2), ("riemannian_adamw", "adamw", 1e-2)])
@@ -259,12 +183,12 @@ def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path,
     the same reference without preconditioning is (so the bf16 path really preconditions)."""
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": name, "lr": lr},
                         scheduler={"name": "constant", "warmup_steps": 0}, deepspeed=f"ds_configs/zero{stage}.json")
-    reference, _ = reference_run(config)
+    reference = reference_run(config, WORLD_SIZE).adapters
     launch({**config, "model": {**config["model"], "dtype": "bfloat16"}}, tmp_path, subprocess_env)
     error = global_relative_error(checkpoint_adapters(tmp_path / "out"), reference)
-    plain_reference, _ = reference_run({**config, "optimizer": {**config["optimizer"], "name": plain}})
-    gap = global_relative_error(plain_reference, reference)
-    assert error < 0.1 and error < gap / 4, f"bf16 error {error:.3f}, unpreconditioned gap {gap:.3f}"
+    plain = reference_run({**config, "optimizer": {**config["optimizer"], "name": plain}}, WORLD_SIZE).adapters
+    gap = global_relative_error(plain, reference)
+    assert error < bf16_bound(gap), f"bf16 error {error:.3f}, unpreconditioned gap {gap:.3f}"
 
 
 @pytest.mark.distributed
