@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,11 +52,11 @@ from harness import (  # noqa: E402
     relative_errors,
     run_config,
     save_tiny_model_dir,
+    stage_bound,
     write_jsonl,
 )
 
 SGD_BOUND = 1e-5
-ROUNDING_FACTOR = 4
 CASES = {  # name: (optimizer, lr, grad_clip)
     "sgd": ("sgd", 0.5, 0.0),
     "riemannian_sgd": ("riemannian_sgd", 0.2, 0.0),
@@ -181,7 +180,7 @@ def stage_checks(ctx: Check) -> dict:
             rounding = global_relative_error(ctx.reference(ctx.config(case, "zero0"), reverse_order=True).adapters,
                                              reference.adapters)
             small_lr_reference = ctx.reference(ctx.config(case, "zero0", lr_scale=0.1))
-        bound = max(ROUNDING_FACTOR * rounding, SGD_BOUND) if adamw else SGD_BOUND
+        bound = stage_bound(SGD_BOUND, rounding) if adamw else SGD_BOUND
         for stage in ctx.stages:
             name = f"{case} {stage}"
             try:
@@ -325,33 +324,14 @@ def host_reads_check(ctx: Check) -> None:
     """Host reads per training step of the ZeRO-3 AdamW run, by library (steps 2 and 3)."""
     from moelora_ds.engine import Trainer
 
-    from host_syncs import HostReads
+    from host_syncs import reads_per_step
 
     config = ctx.config("riemannian_adamw", "zero3", steps=4, name="host-reads")
-    reads, marks, synced = HostReads(), [], Counter()
     cuda = ctx.device.startswith("cuda")
     with quiet(ctx.log):
-        trainer = Trainer(load_config_from_dict(config))
-        step = trainer.train_step
-
-        def marked(batch_iter):
-            marks.append((Counter(reads.by_caller), sum(synced.values())))
-            return step(batch_iter)
-
-        trainer.train_step = marked
-        with reads, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if cuda:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                trainer.train()
-            finally:
-                if cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-            synced.update(str(w.message)[:60] for w in caught if "synchroniz" in str(w.message))
-        marks.append((Counter(reads.by_caller), sum(synced.values())))
+        steps, synced = reads_per_step(Trainer(load_config_from_dict(config)), cuda_syncs=cuda)
     for index in (1, 2):
-        counted = marks[index + 1][0] - marks[index][0]
+        counted = steps[index]
         ours = sum(n for where, n in counted.items() if where.startswith("moelora_ds"))
         libraries = Counter()
         for where, n in counted.items():
@@ -360,7 +340,7 @@ def host_reads_check(ctx: Check) -> None:
                 f"({', '.join(f'{lib} {n}' for lib, n in libraries.most_common())}); the trainer's own: {ours} "
                 f"(want 2)")
         if cuda:
-            text += f"; torch.cuda sync debug mode: {marks[index + 1][1] - marks[index][1]} synchronizing calls"
+            text += f"; torch.cuda sync debug mode: {synced[index]} synchronizing calls"
         ctx.say("PASS" if ours == 2 else "FAIL", "device", text)
 
 

@@ -175,6 +175,17 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
     return Reference(adapters, losses, grad_norms)
 
 
+ROUNDING_FACTOR = 4
+"""How many times the reference's own rounding (against itself summed in reverse order) a correct run may differ by:
+Adam's first steps act like sign(g) and amplify rounding, more on some CPUs' kernels than others'."""
+
+
+def stage_bound(floor: float, rounding: float) -> float:
+    """How far a ZeRO stage's final adapters may be from the reference's: `floor`, or more where the reference's
+    own rounding (`rounding`, its distance to itself summed in reverse order) is larger."""
+    return max(floor, ROUNDING_FACTOR * rounding)
+
+
 def bf16_bound(gap: float) -> float:
     """How far a bf16 run's final adapters may be from the fp32 reference's (global relative error): bf16 noise, and
     far less than `gap`, the reference's distance to the same run without preconditioning."""

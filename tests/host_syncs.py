@@ -11,6 +11,7 @@ device read on an accelerator.
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -68,3 +69,29 @@ class HostReads(TorchDispatchMode):
     def total(self, library: str = "") -> int:
         """How many reads came from callers in `library` (all of them when empty)."""
         return sum(n for where, n in self.by_caller.items() if where.startswith(library))
+
+
+def reads_per_step(trainer, cuda_syncs: bool = False) -> tuple[list[Counter], list[int]]:
+    """Run `trainer.train()` and return the host reads of every step by caller (a step: its train_step and what the
+    loop does after it) and, with `cuda_syncs`, the synchronizing calls torch.cuda's sync debug mode saw per step."""
+    reads, marks = HostReads(), []
+    train_step = trainer.train_step
+    with reads, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def marked(batch_iter):
+            marks.append((Counter(reads.by_caller), len(caught)))
+            return train_step(batch_iter)
+
+        trainer.train_step = marked
+        if cuda_syncs:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            if cuda_syncs:
+                torch.cuda.set_sync_debug_mode("default")
+        marks.append((Counter(reads.by_caller), len(caught)))
+        synced = [sum("synchroniz" in str(w.message) for w in caught[a:b])
+                  for (_, a), (_, b) in zip(marks, marks[1:])]
+    return [after - before for (before, _), (after, _) in zip(marks, marks[1:])], synced

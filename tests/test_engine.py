@@ -20,6 +20,7 @@ from harness import (
     max_relative_error,
     reference_run,
     run_config,
+    stage_bound,
 )
 
 WORLD_SIZE = 2
@@ -52,7 +53,8 @@ def optimizer_case(request, tiny_model_dir, tiny_mc_data):
     lr = {"riemannian_sgd": 0.2, "riemannian_adamw": 1e-2}[request.param]
     config = run_config(tiny_model_dir, tiny_mc_data, Path("unused"), optimizer={"name": request.param, "lr": lr})
     reference = reference_run(config, WORLD_SIZE)
-    return request.param, config, reference.adapters, reference.losses
+    rounding = max_relative_error(reference_run(config, WORLD_SIZE, reverse_order=True).adapters, reference.adapters)
+    return request.param, config, reference.adapters, reference.losses, rounding
 
 
 @pytest.mark.distributed
@@ -62,7 +64,7 @@ def optimizer_case(request, tiny_model_dir, tiny_mc_data):
 def test_stages_match_single_process_reference(optimizer_case, ds_config, checkpointing, tmp_path, subprocess_env):
     """Every stage trains like the reference; the offload case also recomputes activations in backward (gradient
     checkpointing under ZeRO-3: the recomputed forward must find its partitioned frozen weights gathered again)."""
-    name, config, reference, reference_losses = optimizer_case
+    name, config, reference, reference_losses, rounding = optimizer_case
     config = {**config, "deepspeed": f"ds_configs/{ds_config}.json",
               "model": {**config["model"], "gradient_checkpointing": checkpointing},
               "train": {**config["train"], "output_dir": str(tmp_path / "out")}}
@@ -71,8 +73,9 @@ def test_stages_match_single_process_reference(optimizer_case, ds_config, checkp
     error = max_relative_error(trained, reference)
     # Offload steps with DeepSpeedCPUAdam (C++ SIMD fp32), not the reference's torch AdamW: rounding differs
     # (1.2e-4 measured for riemannian_adamw with betas (0.9, 0.95)); the preconditioner's own effect is ~0.4.
-    tolerance = 3e-4 if ds_config.endswith("offload") else 1e-4
-    assert error < tolerance, f"{name} under {ds_config}: max relative error {error:.2e} on final adapter weights"
+    tolerance = stage_bound(3e-4 if ds_config.endswith("offload") else 1e-4, rounding)
+    assert error < tolerance, (f"{name} under {ds_config}: max relative error {error:.2e} on final adapter weights "
+                               f"(the reference against itself in reverse order: {rounding:.2e})")
     logged = [r["loss"] for r in read_metrics(tmp_path / "out") if "loss" in r]
     assert len(logged) == STEPS
     assert logged == pytest.approx(reference_losses, rel=1e-4)

@@ -8,13 +8,15 @@ DeepSpeed's and transformers' reads are held at today's numbers so that a new on
 
 from __future__ import annotations
 
-from collections import Counter
+import os
 
 import pytest
 import torch.distributed as dist
 
+from moelora_ds.engine import Trainer
+
 from harness import load_config_from_dict, run_config
-from host_syncs import HostReads
+from host_syncs import reads_per_step
 
 OURS = {"moelora_ds/distributed/process_group.py:all_sum": 2}
 OTHERS_AT_MOST = {
@@ -27,28 +29,14 @@ OTHERS_AT_MOST = {
 
 @pytest.fixture(scope="module")
 def process_group():
+    """The Trainer's process group in this process, torn down afterwards with the rendezvous variables it exported
+    (later tests launch ranks with a copy of this environment)."""
+    environ = dict(os.environ)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def reads_per_step(config: dict) -> list[Counter]:
-    """The host reads of every training step of `config`, by caller (one step = train_step and what follows it)."""
-    from moelora_ds.engine import Trainer
-
-    trainer = Trainer(load_config_from_dict(config))
-    reads, marks = HostReads(), []
-    train_step = trainer.train_step
-
-    def marked(batch_iter):
-        marks.append(Counter(reads.by_caller))
-        return train_step(batch_iter)
-
-    trainer.train_step = marked
-    with reads:
-        trainer.train()
-    marks.append(Counter(reads.by_caller))
-    return [after - before for before, after in zip(marks, marks[1:])]
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -56,7 +44,7 @@ def test_host_reads_per_training_step(stage, process_group, tiny_model_dir, tiny
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", deepspeed=f"ds_configs/zero{stage}.json",
                         train={"max_steps": 4, "save_every": 0, "log_every": 100, "grad_clip": 1.0,
                                "output_dir": str(tmp_path / "out")})
-    steps = reads_per_step(config)
+    steps, _ = reads_per_step(Trainer(load_config_from_dict(config)))
     assert len(steps) == 4
     for step in steps[1:3]:  # the first step sets things up; the last one's tail is the end of training
         ours = {where: n for where, n in step.items() if where.startswith("moelora_ds")}
