@@ -3,7 +3,8 @@
     deepspeed --num_gpus 2 benchmarks/peak_memory.py launcher/train.py --config CFG [overrides]
 
 With BENCH_MEMORY_DIR set, each rank writes BENCH_MEMORY_DIR/rank{RANK}.json at exit:
-{"rank", "world_size", "vmhwm_kib" (VmHWM of /proc/self/status: peak resident set), "ru_maxrss_kib"}.
+{"rank", "world_size", "vmhwm_kib" (VmHWM of /proc/self/status: peak resident set), "ru_maxrss_kib"}, and
+on CUDA "gpu_peak_mib" (torch.cuda.max_memory_allocated).
 The script runs as __main__ with the remaining arguments, exactly as if started directly.
 """
 
@@ -35,6 +36,9 @@ def _write_record() -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **peak_memory_kib()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        record["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 

@@ -11,7 +11,8 @@ build time), tokenization, sharded batches, learning-rate schedule. Only the tra
   frozen  no adapters: one trainable scalar multiplies the input embeddings' output, so backward runs
           the input-gradient pass through every frozen layer and nothing else (plain SGD on the scalar)
 Writes OUTPUT_DIR/metrics.jsonl (rank 0): {"step", "loss", "lr", "tokens_per_s"} per step, tokens_per_s
-measured as in moelora_ds/engine.py (non-padding tokens of all ranks / wall time of the step). No
+measured as in moelora_ds/engine.py (non-padding tokens of all ranks / wall time of the step), with one
+host read per step as there. No
 checkpoints, no evaluation.
 """
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from moelora_ds.config import load_config
     from moelora_ds.data.batches import ShardedBatches
     from moelora_ds.data.records import load_records, tokenize_as_configured
-    from moelora_ds.distributed.process_group import init_distributed
+    from moelora_ds.distributed.process_group import all_sum, init_distributed
     from moelora_ds.ds_config import build_deepspeed_config
     from moelora_ds.engine import seed_everything
     from moelora_ds.lm_loss import causal_lm_loss
@@ -126,17 +127,16 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         losses, tokens = [], 0
         for _ in range(train.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batch_iter).items()}
-            tokens += int(batch["attention_mask"].sum())
-            loss = causal_lm_loss(engine, batch)
-            losses.append(float(loss.detach()))
+            batch = next(batch_iter)
+            tokens += int(batch["attention_mask"].numpy().sum())
+            loss = causal_lm_loss(engine, batch, device)
+            losses.append(loss.detach().double())
             engine.backward(loss)
             engine.step()
-        summed = torch.tensor([sum(losses) / len(losses), tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(summed)
-        tokens_per_s = float(summed[1]) / (time.perf_counter() - started)
+        loss_sum, tokens = all_sum([torch.stack(losses).sum(), tokens], device)  # the step's one host read
+        tokens_per_s = tokens / (time.perf_counter() - started)
         if metrics is not None:
-            metrics.write(json.dumps({"step": step, "loss": float(summed[0]) / world_size, "lr": lr,
+            metrics.write(json.dumps({"step": step, "loss": loss_sum / (len(losses) * world_size), "lr": lr,
                                       "tokens_per_s": tokens_per_s, "trainable_params": trainable}) + "\n")
             metrics.flush()
     if metrics is not None:

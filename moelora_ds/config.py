@@ -92,7 +92,7 @@ class DataConfig:
     """Also train the eos / end-of-turn token that closes each answer; false puts the loss on the answer's
     own tokens only (a multiple-choice letter, say); the model then does not learn where to stop."""
     packing: bool = False
-    """Pack several samples into one row of max_length."""
+    """Pack several samples into one row of max_length (each attends within itself only)."""
     shuffle: bool = True
     """Shuffle every epoch (deterministically from train.seed and the epoch)."""
     choices: list[str] = field(default_factory=lambda: ["A", "B", "C", "D"])

@@ -42,7 +42,7 @@ from moelora_ds.expert_health import ExpertHealth
 from moelora_ds.lm_loss import causal_lm_loss
 from moelora_ds.metrics import MetricsLogger
 from moelora_ds.model_loading import load_base_model, load_tokenizer, local_model_dir
-from moelora_ds.nonfinite import StepGuard, check_finite_state, discard_nonfinite_gradients
+from moelora_ds.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
 from moelora_ds.optim_factory import build_optimizer, scheduler_factory, undo_state_initialization_step
 from moelora_ds.preflight import resume_needs_universal, resume_point
 
@@ -214,31 +214,36 @@ class Trainer:
     def train_step(self, batch_iter) -> StepStats:
         """`grad_accum` micro-batches and one optimizer step, discarded whole or stopped if anything is non-finite.
 
-        Every micro-batch's loss is checked on all ranks before its backward (nonfinite.py says how a
-        step is discarded under `train.nonfinite=skip`).
+        The losses stay on the device; one all-reduce before the boundary `engine.step()` brings every
+        micro-batch's loss and finiteness (and at stage 0 the gradients' finiteness) to all ranks, the step's
+        only wait for the device (nonfinite.py says how a step is discarded under `train.nonfinite=skip`).
         """
         guard = StepGuard(self.config.train.nonfinite, self.step + 1)
         micro_batches = self.config.train.grad_accum
-        losses, tokens, grads_dropped = [], 0, False
+        losses, tokens = [], 0
         for micro in range(micro_batches):
-            batch = {k: v.to(self.device) for k, v in next(batch_iter).items()}
-            tokens += int(batch["attention_mask"].sum())
+            batch = next(batch_iter)
+            tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
             with self.health.recording(batch["attention_mask"]) if self.health is not None else nullcontext():
-                loss = causal_lm_loss(self.engine, batch)
+                loss = causal_lm_loss(self.engine, batch, self.device)
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
-            total_loss, nonfinite = all_sum([float(loss.detach()), float(not torch.isfinite(loss.detach()))],
-                                            self.device)
-            guard.loss(micro, micro_batches, int(nonfinite), self.world_size)
-            losses.append(total_loss / self.world_size)
+            losses.append(loss.detach().double())
             self.engine.backward(loss)
-            if micro == micro_batches - 1:
-                grads_dropped = discard_nonfinite_gradients(self.engine, self.device)
-            self.engine.step()
-        skipped = guard.outcome(self.engine.was_step_applied(), grads_dropped, self.engine.get_global_grad_norm(),
+            if micro < micro_batches - 1:
+                self.engine.step()
+        step_losses = torch.stack(losses)
+        nonfinite_losses = (~torch.isfinite(step_losses)).unbind()
+        loss_sum, *nonfinite, bad_grads = all_sum(
+            [step_losses.sum(), *nonfinite_losses, nonfinite_gradients(self.engine, self.device)], self.device)
+        guard.losses(nonfinite, self.world_size)
+        if bad_grads:
+            discard_gradients(self.engine)
+        self.engine.step()
+        skipped = guard.outcome(self.engine.was_step_applied(), bool(bad_grads), self.engine.get_global_grad_norm(),
                                 self.engine.fp16_enabled(), self.scheduler.step)
-        return StepStats(loss=sum(losses) / len(losses), tokens=tokens, skipped=skipped)
+        return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, skipped=skipped)
 
     def train(self) -> int:
         self.resume()
@@ -255,8 +260,8 @@ class Trainer:
             started = time.perf_counter()
             stats = self.train_step(batch_iter)
             self.step += 1
-            check_finite_state(self.engine, self.device, f"after step {self.step}")
-            tokens, preempted = all_sum([stats.tokens, float(self.preemption.raised)], self.device)
+            tokens, preempted = check_finite_state(self.engine, self.device, f"after step {self.step}",
+                                                   also_sum=[stats.tokens, float(self.preemption.raised)])
             tokens_per_s = tokens / (time.perf_counter() - started)
             last = self.step == stop
             record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,

@@ -19,20 +19,8 @@ from moelora_ds.data.collate import IGNORE_INDEX, pad_batch
 from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.data.tokenization import render_chat
 from moelora_ds.distributed.process_group import all_sum
-from moelora_ds.lm_loss import logits_at, supervised_logits_and_targets
+from moelora_ds.lm_loss import logits_at, model_device, supervised_logits_and_targets
 from moelora_ds.progress import progress
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs must go: the parameters' device, or the accelerator's for ZeRO-3 partitioned ones."""
-    parameter = next(model.parameters())
-    if hasattr(parameter, "ds_id"):
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.device(get_accelerator().current_device_name())
-    return parameter.device
 
 
 class _EvalMode:
@@ -82,8 +70,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     loss_sum, tokens = 0.0, 0
     with _EvalMode(model):
         for batch in progress(batches, desc="eval loss", unit="batch"):
-            inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-            logits, targets = supervised_logits_and_targets(model, inputs, batch["labels"].to(device))
+            logits, targets = supervised_logits_and_targets(model, batch, device)
             loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             tokens += int((targets != IGNORE_INDEX).sum())
     loss_sum, tokens = all_sum([loss_sum, float(tokens)], device)

@@ -5,6 +5,10 @@ away: the output head (vocabulary x hidden, 49152 x 576 for SmolLM2) is about a 
 matmul work. Hugging Face causal LMs take `logits_to_keep` (a tensor of sequence positions), so the head
 runs only at the positions that predict a labelled token (their union over the batch). Models whose
 forward has no `logits_to_keep` get the full logits; the result is the same either way.
+
+Batches arrive on the CPU (collate.pad_batch). What the host must know about them (the positions, whether a
+mask is needed) is read from the CPU tensors with numpy, which cannot touch device memory, and only then
+are they moved to the device: computing the loss reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import inspect
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +29,39 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs must go: the parameters' device, or the accelerator's for ZeRO-3 partitioned ones."""
+    parameter = next(model.parameters())
+    if hasattr(parameter, "ds_id"):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return parameter.device
+
+
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions t whose next token (t + 1) is labelled in any row of `labels` (batch, seq)."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    """Sequence positions t whose next token (t + 1) is labelled in any row of `labels` (batch, seq; on the CPU)."""
+    labelled = labels.numpy()[:, 1:] != IGNORE_INDEX
+    return torch.from_numpy(np.flatnonzero(labelled.any(axis=0)))
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments for a CPU batch: all but the labels, the attention mask only where it is needed.
+
+    Packed rows (they carry `position_ids`) go without mask and without cache: transformers then attends
+    within each example of a row only (block-diagonal, from the restarting positions), where the 2-D mask
+    would let every token attend to the examples before it in its row; padding sits at the row ends,
+    unlabelled. A batch without padding goes without its all-ones mask: transformers then reads no mask
+    values back to the host.
+    """
+    inputs: dict = {k: v for k, v in batch.items() if k != "labels"}
+    mask = inputs.get("attention_mask")
+    if "position_ids" in inputs:
+        del inputs["attention_mask"]
+        inputs["use_cache"] = False
+    elif mask is not None and mask.numpy().all():
+        del inputs["attention_mask"]
+    return inputs
 
 
 def logits_at(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
@@ -39,17 +74,20 @@ def logits_at(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     return model(**inputs).logits[:, positions]
 
 
-def supervised_logits_and_targets(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
-                                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits (N, vocab) and their targets (N,) (IGNORE_INDEX where unlabelled) at the predicting positions."""
-    positions = predicting_positions(labels)
-    logits = logits_at(model, inputs, positions).float()
-    targets = labels[:, positions + 1]
+def supervised_logits_and_targets(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits (N, vocab) and their targets (N,) (IGNORE_INDEX where unlabelled) at the predicting positions of a
+    CPU `batch`, computed on `device`."""
+    positions = predicting_positions(batch["labels"])
+    targets = batch["labels"][:, positions + 1].to(device)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+    logits = logits_at(model, inputs, positions.to(device)).float()
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of `batch` (as the model's own `.loss`)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits, targets = supervised_logits_and_targets(model, inputs, batch["labels"])
+def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of a CPU `batch` (as the model's own `.loss`), computed
+    on `device` (default: the model's)."""
+    logits, targets = supervised_logits_and_targets(model, batch, device or model_device(model))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)

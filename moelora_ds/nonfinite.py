@@ -8,8 +8,10 @@ every rank, and the step is then dropped as a unit:
   cleared, `engine.was_step_applied()` is False), so its micro-step counters and ZeRO-3's gradient
   hooks stay exactly as in a normal step;
 - under ZeRO stage 0 with fp32 the optimizer is the plain torch one, which DeepSpeed does not guard:
-  `discard_nonfinite_gradients` finds the non-finite gradient before `engine.step()` and drops every
-  trainable parameter's `.grad`, so the torch optimizer updates nothing (moments and step counts included).
+  `nonfinite_gradients` flags the non-finite gradient before `engine.step()` and `discard_gradients` drops
+  every trainable parameter's `.grad`, so the torch optimizer updates nothing (moments and step counts included).
+The losses' and gradients' finiteness is read once per step, in the all-reduce before the boundary
+`engine.step()`, and the state's once after it: nothing here waits for the device per micro-batch or per tensor.
 A skipped step still consumes its data and its place in the learning-rate schedule. A non-finite
 gradient with a finite loss is discarded (or stops the run) the same way. Should an update ever be
 applied although it was non-finite, or an update overflow the parameters, `check_finite_state` stops
@@ -18,7 +20,9 @@ the run whatever the policy, and `checkpoint.save_checkpoint` refuses to write a
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import math
+from collections import defaultdict
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,43 +59,59 @@ def local_state(engine) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"optimizer state {state_index}.{key}", value.detach()
 
 
-def nonfinite_names(tensors: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors that hold a NaN or an infinity."""
-    return [name for name, tensor in tensors
-            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all())]
+def nonfinite_flags(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1.0 for each tensor holding a NaN or an infinity, else 0.0 (float64, on `device`), read by nobody yet.
+
+    One fused max-abs reduction (NaN-propagating) per device and dtype instead of a host read per tensor;
+    empty and non-floating tensors count as finite."""
+    flags = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for index, tensor in enumerate(tensors):
+        if tensor.is_floating_point() and tensor.numel():
+            groups[(tensor.device, tensor.dtype)].append(index)
+    for indices in groups.values():
+        maxima = torch.stack(torch._foreach_norm([tensors[i] for i in indices], ord=math.inf))
+        flags[torch.tensor(indices, device=device)] = (~torch.isfinite(maxima)).to(device, torch.float64)
+    return flags
 
 
-def _ranks_with(flag: bool, device: torch.device) -> int:
-    """How many ranks raised `flag` (an all-reduce every rank must join)."""
-    return int(all_sum([float(flag)], device)[0])
+def check_finite_state(engine, device: torch.device, what: str, also_sum: Sequence = ()) -> list[float]:
+    """Raise NonFiniteError on every rank if any rank's adapters or optimizer state hold a non-finite value.
 
-
-def check_finite_state(engine, device: torch.device, what: str) -> None:
-    """Raise NonFiniteError on every rank if any rank's adapters or optimizer state hold a non-finite value."""
-    bad = nonfinite_names(local_state(engine))
-    ranks = _ranks_with(bool(bad), device)
+    One fused reduction and one all-reduce, which also carries `also_sum` (numbers or device scalars): their
+    sums over ranks are returned."""
+    names, tensors = zip(*local_state(engine))
+    flags = nonfinite_flags(tensors, device)
+    ranks, *sums = all_sum([flags.amax(), *also_sum], device)
     if ranks:
+        bad = [name for name, flag in zip(names, flags.tolist()) if flag]
         mine = f"; on this rank (rank {dist.get_rank()}): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}" \
             if bad else ""
-        raise NonFiniteError(f"{what}: the adapters or the optimizer state are not finite on {ranks} of "
+        raise NonFiniteError(f"{what}: the adapters or the optimizer state are not finite on {int(ranks)} of "
                              f"{dist.get_world_size()} rank(s){mine}")
+    return sums
 
 
-def discard_nonfinite_gradients(engine, device: torch.device) -> bool:
-    """At stage 0 (plain torch optimizer), before the boundary `engine.step()`: drop a non-finite step's gradients.
+def _guards_itself(engine) -> bool:
+    """Whether DeepSpeed discards a step with non-finite gradients itself (ZeRO stages 1-3, its bf16 optimizer)."""
+    return engine.zero_optimization_stage() > 0 or _base_optimizer(engine) is not engine.optimizer
 
-    Returns whether the gradients were dropped (the same on every rank). At ZeRO stages 1-3 and with
-    DeepSpeed's bf16 optimizer, DeepSpeed discards such a step itself, and this returns False.
-    """
-    if engine.zero_optimization_stage() > 0 or _base_optimizer(engine) is not engine.optimizer:
-        return False
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in trainable)
-    if not _ranks_with(bad, device):
-        return False
-    for param in trainable:
-        param.grad = None
-    return True
+
+def nonfinite_gradients(engine, device: torch.device) -> torch.Tensor | float:
+    """At stage 0 with the plain torch optimizer: 1.0 (a device scalar) if this rank's accumulated gradient holds a
+    NaN or an infinity, else 0.0. Elsewhere 0.0: DeepSpeed discards such a step itself."""
+    if _guards_itself(engine):
+        return 0.0
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    return nonfinite_flags(grads, device).amax() if grads else 0.0
+
+
+def discard_gradients(engine) -> None:
+    """Before the boundary `engine.step()` at stage 0: drop every trainable `.grad`, so the torch optimizer updates
+    nothing (moments and step counts included)."""
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            param.grad = None
 
 
 class StepGuard:
@@ -101,15 +121,17 @@ class StepGuard:
         self.policy, self.step = policy, step
         self.nonfinite_loss = False
 
-    def loss(self, micro: int, micro_batches: int, nonfinite_ranks: int, world_size: int) -> None:
-        """After a micro-batch's all-reduced loss check: stop now, or remember that the step must be discarded."""
-        if not nonfinite_ranks:
-            return
-        self.nonfinite_loss = True
-        if self.policy == "stop":
-            raise NonFiniteError(f"non-finite loss at step {self.step} (micro-batch {micro + 1} of {micro_batches}) "
-                                 f"on {nonfinite_ranks} of {world_size} rank(s); nothing of this step was applied. "
-                                 f"Set train.nonfinite=skip to discard such steps and go on")
+    def losses(self, nonfinite_ranks: Sequence[float], world_size: int) -> None:
+        """After the step's all-reduced loss check (how many ranks had a non-finite loss, per micro-batch), before its
+        update: stop now, or remember that the step must be discarded."""
+        for micro, ranks in enumerate(nonfinite_ranks):
+            if not ranks:
+                continue
+            self.nonfinite_loss = True
+            if self.policy == "stop":
+                raise NonFiniteError(f"non-finite loss at step {self.step} (micro-batch {micro + 1} of "
+                                     f"{len(nonfinite_ranks)}) on {int(ranks)} of {world_size} rank(s); nothing of "
+                                     f"this step was applied. Set train.nonfinite=skip to discard such steps and go on")
 
     def outcome(self, applied: bool, grads_dropped: bool, grad_norm: float | None, fp16: bool,
                 step_scheduler: Callable[[], None]) -> str | None:

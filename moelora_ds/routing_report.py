@@ -24,15 +24,13 @@ from moelora_ds.adapters.routing_stats import RoutingStats, attach_routing_stats
 from moelora_ds.data.collate import IGNORE_INDEX
 from moelora_ds.data.records import tokenize_as_configured
 from moelora_ds.evaluate import (
-    MODEL_INPUTS,
     eval_batches,
     eval_records,
     is_multiple_choice,
-    model_device,
     multiple_choice_answers,
 )
 from moelora_ds.expert_health import layers_json, plot_heat_maps, reduce_routing
-from moelora_ds.lm_loss import logits_at
+from moelora_ds.lm_loss import logits_at, model_device, model_inputs
 
 ALL = "all"
 """The report's label of the whole data set."""
@@ -80,7 +78,7 @@ def _group_sums(model: nn.Module, stats: RoutingStats, examples: list[dict], pro
     stats.reset()
     for batch in eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                               pad_token_id=pad_token_id):
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
         with stats.recording(counted_tokens(batch, prompt_only).to(device)):
             logits_at(model, inputs, first)
     return reduce_routing(stats)

@@ -170,8 +170,9 @@ def test_throughput_flop_count():
 
 @pytest.mark.distributed
 def test_training_benchmarks_smoke(tmp_path):
-    """One real launch each, at once: throughput's PEFT baseline (through peak_memory.py) and one quality cell (in the
-    paper's form: no bias correction, router clip, unclipped experts, a dropout mask per expert)."""
+    """Real launches, at once: throughput's PEFT baseline (through peak_memory.py), one quality cell (in the paper's
+    form: no bias correction, router clip, unclipped experts, a dropout mask per expert), and the GPU throughput
+    protocol's MoE-LoRA and frozen runs on a tiny shape."""
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -182,6 +183,10 @@ def test_training_benchmarks_smoke(tmp_path):
         "quality": [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--methods", "plain",
                     "--forms", "paper", "--rates", "0.01", "--results", str(tmp_path / "q.md"), "--plot",
                     str(tmp_path / "q.png")],
+        # the GPU protocol's runner on the CPU; its peft launch is throughput's above
+        "gpu_throughput": [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--smoke", "--methods",
+                           "moelora", "frozen", "--out-dir", str(tmp_path / "gpu-runs"), "--results",
+                           str(tmp_path / "g.md")],
     }
     running = {name: (subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=(tmp_path / f"{name}.out").open("w"),
                                        stderr=subprocess.STDOUT), tmp_path / f"{name}.out")
@@ -192,3 +197,6 @@ def test_training_benchmarks_smoke(tmp_path):
     assert "| peft | 2 | 3 |" in throughput and "of bf16 peak" in throughput
     quality = (tmp_path / "q.md").read_text()
     assert "| adamw | paper | plain |" in quality and (tmp_path / "q.png").stat().st_size > 1000
+    gpu = (tmp_path / "g.md").read_text()
+    assert "<!-- BEGIN gpu -->" in gpu and "Command: `python" in gpu and "- moelora / frozen:" in gpu
+    assert "| moelora | " in gpu and "| frozen | " in gpu and "| 1.00x |" in gpu

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelora_ds.data.collate import IGNORE_INDEX
+from moelora_ds.adapters.config import MoELoRAConfig
+from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
+from moelora_ds.data.collate import IGNORE_INDEX, pack_examples, pad_batch
+from moelora_ds.data.tokenization import tokenize_records
 from moelora_ds.lm_loss import accepts_logits_to_keep, causal_lm_loss, logits_at, predicting_positions
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, multiple_choice_records
 
 
 class WithoutLogitsToKeep(torch.nn.Module):
@@ -61,3 +64,36 @@ def test_only_predicting_positions_are_kept():
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     positions = torch.tensor([4, 9])
     torch.testing.assert_close(logits_at(model, inputs, positions), model(**inputs).logits[:, positions])
+
+
+def test_packed_batch_has_the_loss_of_its_samples_unpacked(tiny_tokenizer):
+    """Packed rows (data.packing) give the loss and adapter gradients of the same samples padded one per row: no
+    token attends to another example of its row (the trainer's path, MoE-LoRA injected, fp32)."""
+    examples, _ = tokenize_records(multiple_choice_records(12, seed=5), "chat", tiny_tokenizer, 64)
+    rows = pack_examples(examples, 96)
+    assert len(rows) < len(examples) and any(len(r["input_ids"]) < max(len(q["input_ids"]) for q in rows)
+                                             for r in rows)  # several examples per row, and padded rows
+    adapters = MoELoRAConfig(num_experts=4, rank=4, top_k=2, dropout=0.0)
+    model = inject_moelora(build_tiny_model("llama", seed=2).float(), adapters)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model).items():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.2)
+    model.train()
+    results = []
+    for batch in (pad_batch(rows, tiny_tokenizer.pad_token_id), pad_batch(examples, tiny_tokenizer.pad_token_id)):
+        model.zero_grad()
+        loss = causal_lm_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), {k: p.grad.clone() for k, p in adapter_parameters(model).items()}))
+    (packed, packed_grads), (unpacked, unpacked_grads) = results
+    assert packed == pytest.approx(unpacked, rel=1e-5)
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], unpacked_grads[name], rtol=1e-4, atol=1e-6)
+    # With the rows' 2-D attention mask (all ones up to the padding) every token would also see the examples
+    # before it in its row: a different loss, which is what the test would catch.
+    batch = pad_batch(rows, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        crossing = model(**{k: v for k, v in batch.items() if k != "position_ids"}).loss.item()
+    assert abs(crossing - unpacked) > 1e-3

@@ -12,26 +12,33 @@ import torch
 
 
 def damped_gram(factor: torch.Tensor, reg: float, *, contract_rows: bool) -> torch.Tensor:
-    """Per-expert r x r Gram matrix plus delta I, in fp32 (at least): B^T B for B (E, out, r), A A^T for A."""
-    f = factor.detach().to(torch.promote_types(factor.dtype, torch.float32))
+    """Per-expert r x r Gram matrix plus delta I, in float64: B^T B for B (E, out, r), A A^T for A (E, r, in).
+
+    float64 keeps the damped Gram positive definite for any delta > 0 the config allows (in fp32 its rounding,
+    ~1e-7 of |B|^2, can exceed a delta of 1e-6), so its inverse needs no fallback and no check."""
+    f = factor.detach().double()
     gram = f.transpose(1, 2) @ f if contract_rows else f @ f.transpose(1, 2)
     return gram + reg * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
 
 
-def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched matrix^-1 @ rhs for symmetric positive definite matrices: Cholesky, float64 if fp32 fails."""
-    chol, info = torch.linalg.cholesky_ex(matrix)
-    if bool((info != 0).any()):
-        return torch.linalg.solve(matrix.double(), rhs.double()).to(rhs.dtype)
-    return torch.cholesky_solve(rhs, chol)
+def inverse_spd(matrix: torch.Tensor) -> torch.Tensor:
+    """Batched inverse of small float64 matrices, without reading anything back to the host.
+
+    `torch.linalg.inv` (and a Cholesky with a fallback) checks its `info` on the host: on an accelerator
+    that waits for the device in every adapted layer's backward. `inv_ex` leaves `info` unread; the damped
+    Grams are well inside float64's range of invertible matrices."""
+    return torch.linalg.inv_ex(matrix)[0]
 
 
 def precondition_gradients(grad_A: torch.Tensor, grad_B: torch.Tensor, gram_B: torch.Tensor,
                            gram_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply (B^T B + dI)^-1 on the left of grad_A (E, r, in) and (A A^T + dI)^-1 on the right of grad_B (E, out, r)."""
-    new_A = solve_spd(gram_B, grad_A.to(gram_B.dtype)).to(grad_A.dtype)
-    new_B = solve_spd(gram_A, grad_B.to(gram_A.dtype).transpose(1, 2)).transpose(1, 2).to(grad_B.dtype)
-    return new_A, new_B
+    """Apply (B^T B + dI)^-1 on the left of grad_A (E, r, in) and (A A^T + dI)^-1 on the right of grad_B (E, out, r).
+
+    The r x r inverses are taken in float64 and applied in the gradient's precision (fp32 at least)."""
+    dtype = torch.promote_types(grad_A.dtype, torch.float32)
+    new_A = inverse_spd(gram_B).to(dtype) @ grad_A.to(dtype)
+    new_B = grad_B.to(dtype) @ inverse_spd(gram_A).to(dtype)
+    return new_A.to(grad_A.dtype), new_B.to(grad_B.dtype)
 
 
 class _PreconditionFactors(torch.autograd.Function):

@@ -21,8 +21,8 @@ class ShardedBatches:
     global batch size, not on how it is split among ranks. The last global batch of an epoch is
     completed by wrapping around to the start of the epoch's order (those units are seen twice), so
     every rank gets `batches_per_epoch` batches. Packing is done once, at construction, over a seeded
-    permutation; the packed rows are then shuffled per epoch like examples (see collate.pack_examples
-    for the attention caveat).
+    permutation; the packed rows are then shuffled per epoch like examples (collate.pack_examples says
+    how their examples are kept from attending to each other).
 
     `state_dict()` is the position of the next batch; `load_state_dict` continues exactly there
     (positions are counted in global batches, so resume with the same micro_batch_size * world_size).

@@ -56,12 +56,11 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[dict[str
     no token is trained to predict the first token of the *next* example. Examples longer than
     `max_length` are an error (tokenize with the same max_length first).
 
-    Attention caveat: with a 2-D `attention_mask` the Hugging Face attention is only causal, so a token
-    may still attend to earlier examples of its row; restarting positions is all the batch itself can
-    do. transformers (>= 4.53, checked with 5.24) builds a block-diagonal mask from restarting
-    `position_ids` when the model is called *without* `attention_mask` and with `use_cache=False`,
-    which is exact for these rows (padding is at the row end and carries label -100); flash-attention-2
-    does the same through its varlen path.
+    Attention: with a 2-D `attention_mask` the Hugging Face attention is only causal, so a token would
+    attend to the earlier examples of its row; transformers (>= 4.53, checked with 5.24) builds a
+    block-diagonal mask from restarting `position_ids` when the model is called *without* `attention_mask`
+    and with `use_cache=False`, which is exact for these rows (padding is at the row end and carries label
+    -100), and lm_loss.model_inputs calls it so; flash-attention-2 does the same through its varlen path.
     """
     rows: list[dict[str, list[int]]] = []
     current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}

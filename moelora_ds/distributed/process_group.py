@@ -1,7 +1,7 @@
 """The process group: starting it under any launcher, the collectives the trainer shares, and leaving it.
 
 `init_distributed` exports the rendezvous variables this rank runs with (rendezvous.py) and starts
-DeepSpeed's process group on the accelerator's backend.
+DeepSpeed's process group on the accelerator's backend, bound to the rank's device on an accelerator.
 """
 
 from __future__ import annotations
@@ -26,14 +26,22 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
 
 
-def all_sum(values: list[float], device) -> list[float]:
-    """The element-wise sum of `values` over all ranks (fp64, one all-reduce), as Python floats on every rank."""
+def all_sum(values: list, device) -> list[float]:
+    """The element-wise sum of `values` (numbers or device scalars) over all ranks, as Python floats on every rank.
+
+    One all-reduce (fp64) and, when any value is a tensor, one read back to the host: device scalars are
+    gathered on the device first, so they cost one synchronisation together, not one each."""
     import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed and not any(torch.is_tensor(v) for v in values):
         return [float(v) for v in values]
-    return all_sum_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+    tensor = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                          else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+    if distributed:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def all_sum_tensor(tensor):
@@ -79,8 +87,21 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
                 say(f"[moelora-ds] warning: this SLURM job has {os.environ['SLURM_NTASKS']} tasks but this process "
                     f"was not started by srun; start one rank per task with `srun python ...`")
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   auto_mpi_discovery=discover, distributed_port=int(rendezvous["MASTER_PORT"]),
+        port = int(rendezvous["MASTER_PORT"])
+        backend = get_accelerator().communication_backend_name()
+        if bound_device(get_accelerator(), 0) is not None:  # DeepSpeed passes no device_id: start the group here
+            if discover:
+                from deepspeed.comm.comm import mpi_discovery
+
+                mpi_discovery(distributed_port=port, verbose=False)
+                discover = False
+            from deepspeed.constants import default_pg_timeout
+
+            local = int(os.environ["LOCAL_RANK"])
+            get_accelerator().set_device(local)
+            dist.init_process_group(backend, **{"timeout": default_pg_timeout, **timeout},
+                                    device_id=bound_device(get_accelerator(), local))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=discover, distributed_port=port,
                                    verbose=False, **timeout)
         # Every rank may see all devices of its node (srun, the deepspeed launcher): use the LOCAL_RANK-th one,
         # so that tensors put on `current_device()` before deepspeed.initialize land where the engine expects them.
@@ -88,6 +109,23 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
         share_cpu_threads()
         release_shm_comm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def bound_device(accelerator, local_rank: int):
+    """The device a rank's process group is bound to (`init_process_group(device_id=...)`): on an accelerator its
+    LOCAL_RANK-th device, on the CPU (gloo) none.
+
+    Bound, NCCL knows from the start which device each rank drives; unbound, it guesses from the global
+    rank and warns that this can hang. DeepSpeed 0.19 binds only on CUDA and only at world size > 1.
+    """
+    import inspect
+
+    import torch
+    import torch.distributed as dist
+
+    if accelerator.device_name() == "cpu" or "device_id" not in inspect.signature(dist.init_process_group).parameters:
+        return None
+    return torch.device(accelerator.device_name(local_rank))
 
 
 def release_shm_comm_buffer() -> None:

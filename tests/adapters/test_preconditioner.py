@@ -8,7 +8,9 @@ from torch import nn
 
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.layer import MoELoRALinear
-from moelora_ds.adapters.preconditioner import damped_gram, precondition_factors, precondition_gradients, solve_spd
+from moelora_ds.adapters.preconditioner import damped_gram, precondition_factors, precondition_gradients
+
+from host_syncs import HostReads
 
 
 def explicit_preconditioning(grad_A, grad_B, lora_A, lora_B, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +34,7 @@ def test_damped_gram(dtype):
     A, B, _, _ = random_factors(dtype=dtype)
     gram_B = damped_gram(B, 0.3, contract_rows=True)
     gram_A = damped_gram(A, 0.3, contract_rows=False)
-    assert gram_A.dtype == gram_B.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert gram_A.dtype == gram_B.dtype == torch.float64
     eye = 0.3 * torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(gram_B.double(), B.double().transpose(1, 2) @ B.double() + eye, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gram_A.double(), A.double() @ A.double().transpose(1, 2) + eye, rtol=1e-5, atol=1e-5)
@@ -61,10 +63,33 @@ def test_precondition_gradients_with_zero_B():
     torch.testing.assert_close(new_B, explicit_preconditioning(grad_A, grad_B, A, B, 1e-3)[1])
 
 
-def test_solve_spd_falls_back_when_cholesky_fails():
-    matrix = torch.tensor([[[1.0, 2.0], [2.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])  # first one indefinite
-    rhs = torch.randn(2, 2, 5)
-    torch.testing.assert_close(solve_spd(matrix, rhs), torch.linalg.inv(matrix.double()).float() @ rhs)
+def test_ill_conditioned_gram_where_fp32_cholesky_fails():
+    """B's columns nearly parallel and a small delta: the fp32 Gram is not numerically positive definite (fp32
+    Cholesky fails), the float64 one is, and the result matches explicit float64 inverses."""
+    gen = torch.Generator().manual_seed(3)
+    column = torch.randn(2, 50, 1, generator=gen, dtype=torch.float64) * 30
+    B = (column.expand(2, 50, 4) + 1e-4 * torch.randn(2, 50, 4, generator=gen, dtype=torch.float64)).float()
+    A = torch.randn(2, 4, 9, generator=gen).float()
+    grad_A, grad_B = torch.randn(2, 4, 9, generator=gen), torch.randn(2, 50, 4, generator=gen)
+    reg = 1e-6
+    fp32_gram = B.transpose(1, 2) @ B + reg * torch.eye(4)
+    assert (torch.linalg.cholesky_ex(fp32_gram).info != 0).any()
+    new_A, new_B = precondition_gradients(grad_A, grad_B, damped_gram(B, reg, contract_rows=True),
+                                          damped_gram(A, reg, contract_rows=False))
+    assert torch.isfinite(new_A).all() and torch.isfinite(new_B).all()
+    ref_A, ref_B = explicit_preconditioning(grad_A, grad_B, A, B, reg)
+    torch.testing.assert_close(new_A.double(), ref_A, rtol=1e-3, atol=1e-3 * ref_A.abs().max().item())
+    torch.testing.assert_close(new_B.double(), ref_B, rtol=1e-3, atol=1e-3 * ref_B.abs().max().item())
+
+
+def test_backward_reads_nothing_back_to_the_host():
+    """A preconditioned layer's forward and backward never wait for the device (tests/host_syncs.py)."""
+    layer = random_layer(dtype=torch.float32)
+    layer.riemannian_reg = 1e-3
+    x = torch.randn(4, 5, 10)
+    with HostReads() as reads:
+        layer(x).square().sum().backward()
+    assert layer.lora_A.grad is not None and dict(reads.by_caller) == {}
 
 
 def test_precondition_factors_identity_forward_preconditioned_backward():

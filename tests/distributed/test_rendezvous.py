@@ -1,4 +1,5 @@
-"""The pure side of moelora_ds.distributed: launcher detection, rendezvous from real-shaped environments, hostfiles."""
+"""The pure side of moelora_ds.distributed: launcher detection, rendezvous from real-shaped environments, hostfiles,
+the device a process group is bound to."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from moelora_ds.distributed.hostfile import hostfile_lines, main
+from moelora_ds.distributed.process_group import bound_device
 from moelora_ds.distributed.rendezvous import (
     ANY_FREE_PORT,
     DEFAULT_MASTER_PORT,
@@ -146,6 +148,16 @@ def test_partial_launcher_env_names_what_is_missing():
     with pytest.raises(LaunchEnvironmentError, match="WORLD_SIZE='two' is not an integer"):
         rendezvous_from_env({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
                              "MASTER_PORT": "1"})
+
+
+def test_process_group_is_bound_to_the_rank_device_on_accelerators_only():
+    """NCCL gets each rank's device up front (no guessing from the global rank); gloo on the CPU gets none."""
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    assert bound_device(CUDA_Accelerator(), 3) == torch.device("cuda", 3)
+    assert bound_device(CPU_Accelerator(), 0) is None
 
 
 def test_resolvable_master_addr_is_kept():

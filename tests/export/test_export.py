@@ -27,34 +27,12 @@ from moelora_ds.export.exporter import REMOTE_CODE, export_merged
 from moelora_ds.export.safetensors_stream import INDEX_FILE, ShardedSafetensorsWriter, iter_safetensors, parse_size
 
 from conftest import REPO, build_tiny_model, tiny_model_config
+from harness import load_in_plain_transformers
 from slurm_cluster import free_ports
 
 ROUTED = {"num_experts": 4, "rank": 4, "alpha": 8.0, "top_k": 2, "dropout": 0.1, "dropout_per_expert": True}
 SINGLE = {"num_experts": 1, "rank": 4, "alpha": 8.0, "top_k": None, "dropout": 0.1}
 BATCH = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-
-ISOLATED_LOADER = """
-import json, sys
-sys.modules["moelora_ds"] = None  # whatever is installed, the export must not need it
-try:
-    import moelora_ds
-    raise SystemExit("moelora_ds is importable")
-except ImportError:
-    pass
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, batch, out, remote = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-model, info = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote, output_loading_info=True)
-assert not any(info.values()), info
-tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
-with torch.no_grad():
-    logits = model(torch.load(batch)).logits
-prompt = tokenizer("Which word means cat?", return_tensors="pt")
-generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-torch.save({"logits": logits, "generated": generated.shape[1] - prompt["input_ids"].shape[1],
-            "class": type(model).__name__}, out)
-"""
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -85,15 +63,8 @@ def adapters_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_isolated(model_dir: Path, tmp_path: Path, remote: bool) -> dict:
-    """Load `model_dir` in a fresh `python -I` that cannot import moelora_ds: logits on BATCH and a generation."""
-    torch.save(BATCH, tmp_path / "batch.pt")
-    env = {"PATH": str(Path(sys.executable).parent), "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-I", "-c", ISOLATED_LOADER, str(model_dir), str(tmp_path / "batch.pt"),
-                             str(tmp_path / "loaded.pt"), "1" if remote else "0"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(tmp_path / "loaded.pt")
+    """Load `model_dir` where moelora_ds cannot be imported: logits on BATCH and a generation."""
+    return load_in_plain_transformers(model_dir, BATCH, tmp_path / "plain", remote)
 
 
 def save_base(model: nn.Module, path: Path, tokenizer, dtype: torch.dtype = torch.float32) -> Path:

@@ -1,0 +1,329 @@
+"""The test harness the tests and scripts/gpu_check.py share: tiny models, tokenizer and data; the tiny training run
+and its single-process reference; reading trained adapters back from a checkpoint. No pytest here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = ["cat", "dog", "tree", "car", "river", "stone", "bird", "house", "cloud", "apple", "chair", "lamp"]
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with a ChatML template, trained offline on a fixed toy corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [f"Which word means {w}? A {a} B {b} C {c} D {d}. Answer: {x}" for w, a, b, c, d, x in
+              zip(WORDS, WORDS[1:], WORDS[2:], WORDS[3:], WORDS[4:], "ABCDABCDAB")] * 20
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model_config(arch: str = "llama", vocab_size: int = 320):
+    """A 2-layer config of the named architecture, small enough for CPU tests."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**common)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 320):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_model_config(arch, vocab_size)).eval()
+
+
+def multiple_choice_records(n: int, seed: int = 0) -> list[dict]:
+    """Chat-format four-option questions whose answer is a letter, as the WordNet set has them."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        options = rng.sample(WORDS, 4)
+        answer = "ABCD"[i % 4]
+        target = options["ABCD".index(answer)]
+        listed = " ".join(f"{letter} {option}" for letter, option in zip("ABCD", options))
+        question = f"Which word means {target}? {listed}"
+        records.append({"messages": [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": answer}]})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def save_tiny_model_dir(path: Path, tokenizer=None) -> Path:
+    """The tiny Llama and its tokenizer saved as a Hugging Face directory, as a user's local model would be."""
+    build_tiny_model("llama").save_pretrained(path)
+    (tokenizer or build_tokenizer()).save_pretrained(path)
+    return path
+
+
+def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -> dict:
+    """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2, 10 steps."""
+    config = {
+        "model": {"name_or_path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32"},
+        "moelora": {"num_experts": 4, "rank": 4, "alpha": 8, "dropout": 0.0, "top_k": 2, "gate_rescale": "sqrt",
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "optimizer": {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "router_lr": 5e-3},
+        "scheduler": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
+        "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},
+        "train": {"max_steps": 10, "micro_batch_size": 2, "grad_accum": 2, "grad_clip": 0.0, "seed": 7,
+                  "output_dir": str(output_dir), "resume": "never"},
+        "deepspeed": "ds_configs/zero3.json",
+    }
+    for section, values in sections.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    return config
+
+
+def load_config_from_dict(config: dict):
+    """A validated RunConfig from a config dict, through a YAML file as a user's would be read."""
+    from moelora_ds.config import load_config
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(config, handle)
+    return load_config(handle.name)
+
+
+@dataclass
+class Reference:
+    """What the single-process reference run ends with."""
+    adapters: dict[str, torch.Tensor]
+    """Final adapter weights (fp32, on the CPU), by parameter name."""
+    losses: list[float]
+    """Training loss of every step (mean over the step's micro-batches of all ranks)."""
+    grad_norms: list[float]
+    """Global norm of every step's gradient, what clipping (train.grad_clip) compares."""
+
+
+def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_order: bool = False,
+                  plain: bool = False) -> Reference:
+    """The same run in one process, without DeepSpeed: the global batch of every step is the union of the ranks'
+    micro-batches. `reverse_order` takes the micro-batches, and the rows of each, in reverse order: the same
+    sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
+    run's own (build_optimizer), or with `plain` the method written out (PlainAdamW)."""
+    from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
+    from moelora_ds.data.batches import ShardedBatches
+    from moelora_ds.data.records import load_records, tokenize_as_configured
+    from moelora_ds.engine import seed_everything
+    from moelora_ds.model_loading import load_base_model, load_tokenizer
+    from moelora_ds.optim_factory import build_optimizer, lr_multiplier
+
+    cfg = load_config_from_dict(config)
+    tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
+    records, fmt = load_records(cfg.data.train_path, cfg.data.format)
+    examples, _ = tokenize_as_configured(records, fmt, tokenizer, cfg.data)
+    shards = [iter(ShardedBatches(examples, micro_batch_size=cfg.train.micro_batch_size, rank=r, world_size=world_size,
+                                  seed=cfg.train.seed, shuffle=cfg.data.shuffle, packing=cfg.data.packing,
+                                  max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id))
+              for r in range(world_size)]
+    model = load_base_model(Path(cfg.model.name_or_path), "float32")
+    seed_everything(cfg.train.seed)
+    inject_moelora(model, cfg.moelora)
+    model.to(device)
+    if plain:
+        plain_step = PlainAdamW(model, cfg)
+    else:
+        optimizer = build_optimizer(model, cfg.optimizer, offload=False)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.scheduler, cfg.train.max_steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    losses, grad_norms = [], []
+    for index in range(cfg.train.max_steps):
+        batches = [next(shard) for _ in range(cfg.train.grad_accum) for shard in shards]
+        step_loss = 0.0
+        for batch in reversed(batches) if reverse_order else batches:
+            batch = {k: v.flip(0) if reverse_order else v for k, v in batch.items()}
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / len(batches)
+            loss.backward()
+            step_loss += loss.item()
+        losses.append(step_loss)
+        if plain:
+            plain_step(index)
+            continue
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, clip)))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    adapters = {name: p.detach().float().cpu().clone() for name, p in adapter_parameters(model).items()}
+    return Reference(adapters, losses, grad_norms)
+
+
+class PlainAdamW:
+    """Riemannian AdamW as docs/METHOD.md sections 1-2 and the paper's train_llama.py state it, written out in float64.
+
+    Every expert's summed raw gradient preconditioned with explicit inverses, the routers' gradient norm
+    alone clipped to optimizer.router_clip (expert gradients unclipped), then AdamW with or without bias
+    correction, linear decay to min_lr_ratio without warm-up.
+    """
+
+    def __init__(self, model, cfg) -> None:
+        from moelora_ds.adapters.optimizer import set_preconditioning
+
+        assert cfg.optimizer.name == "riemannian_adamw" and cfg.scheduler.name == "linear"
+        assert cfg.scheduler.warmup_steps == 0 and cfg.train.grad_clip == 0 and cfg.optimizer.weight_decay == 0
+        self.model, self.cfg = model, cfg
+        set_preconditioning(model, None)  # the raw gradient: preconditioned below
+        self.moments = {name: (torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64))
+                        for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def __call__(self, index: int) -> None:
+        from moelora_ds.adapters.inject import adapter_parameters, moelora_layers
+
+        opt, t = self.cfg.optimizer, index + 1
+        params = adapter_parameters(self.model)
+        grads = {name: p.grad.double() for name, p in params.items()}
+        for path, layer in moelora_layers(self.model):
+            A, B = layer.lora_A.double(), layer.lora_B.double()
+            eye = torch.eye(A.shape[1], dtype=torch.float64)
+            grad_A, grad_B = grads[f"{path}.lora_A"], grads[f"{path}.lora_B"]
+            for e in range(A.shape[0]):
+                grad_A[e] = torch.linalg.inv(B[e].T @ B[e] + opt.reg * eye) @ grad_A[e]
+                grad_B[e] = grad_B[e] @ torch.linalg.inv(A[e] @ A[e].T + opt.reg * eye)
+        routers = [name for name in grads if name.endswith(".router.weight")]
+        if opt.router_clip > 0:
+            norm = sum(grads[name].pow(2).sum() for name in routers).sqrt()
+            for name in routers:
+                grads[name] *= min(1.0, opt.router_clip / (norm.item() + 1e-6))
+        decay = 1 - (1 - self.cfg.scheduler.min_lr_ratio) * index / (self.cfg.train.max_steps - 1)
+        beta1, beta2 = opt.betas
+        for name, p in params.items():
+            lr = (opt.router_lr if name in routers else opt.lr) * decay
+            m, v = self.moments[name]
+            m.mul_(beta1).add_(grads[name], alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grads[name], grads[name], value=1 - beta2)
+            if opt.bias_correction:
+                update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + opt.eps)
+            else:
+                update = m / (v.sqrt() + opt.eps)
+            p -= (lr * update).to(p.dtype)
+            p.grad = None
+
+
+ROUNDING_FACTOR = 4
+"""How many times the reference's own rounding (against itself summed in reverse order) a correct run may differ by:
+Adam's first steps act like sign(g) and amplify rounding, more on some CPUs' kernels than others'."""
+
+
+def stage_bound(floor: float, rounding: float) -> float:
+    """How far a ZeRO stage's final adapters may be from the reference's: `floor`, or more where the reference's
+    own rounding (`rounding`, its distance to itself summed in reverse order) is larger."""
+    return max(floor, ROUNDING_FACTOR * rounding)
+
+
+def bf16_bound(gap: float) -> float:
+    """How far a bf16 run's final adapters may be from the fp32 reference's (global relative error): bf16 noise, and
+    far less than `gap`, the reference's distance to the same run without preconditioning."""
+    return min(0.1, gap / 4)
+
+
+def checkpoint_adapters(output_dir: Path, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Adapter weights (fp32) of a checkpoint (default: the latest): ZeRO partitions gathered, or stage 0's module."""
+    from moelora_ds.checkpoints.locate import read_run_info
+
+    root = Path(output_dir) / "checkpoints"
+    tag = tag or (root / "latest").read_text().strip()
+    if read_run_info(root / tag)["zero_stage"] == 0:
+        state = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return {name: tensor.float() for name, tensor in state.items() if ".lora_" in name or ".router." in name}
+
+
+def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||got - want|| / ||want|| of every tensor."""
+    assert set(got) == set(want), set(got) ^ set(want)
+    return {k: ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item() for k in want}
+
+
+def max_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    return max(relative_errors(got, want).values())
+
+
+def global_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """||got - want|| / ||want|| over all adapter tensors together."""
+    squared = lambda tensors: sum(t.double().pow(2).sum() for t in tensors)
+    return (squared(got[k] - want[k] for k in want) / squared(want.values())).sqrt().item()
+
+
+PLAIN_LOADER = """
+import sys
+sys.modules["moelora_ds"] = None  # whatever is installed, the export must not need it
+try:
+    import moelora_ds
+    raise SystemExit("moelora_ds is importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, batch, out, remote, device = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5]
+model, info = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote, output_loading_info=True)
+assert not any(info.values()), info
+model = model.to(device)
+tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
+with torch.no_grad():
+    logits = model(torch.load(batch).to(device)).logits.cpu()
+prompt = tokenizer("Which word means cat?", return_tensors="pt").to(device)
+generated = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+torch.save({"logits": logits, "generated": generated.shape[1] - prompt["input_ids"].shape[1],
+            "class": type(model).__name__}, out)
+"""
+
+
+def load_in_plain_transformers(model_dir: Path, input_ids: torch.Tensor, workdir: Path, remote: bool,
+                               device: str = "cpu") -> dict:
+    """Load `model_dir` in a fresh Python that cannot import moelora_ds (nor the repository): logits on `input_ids`
+    (on the CPU), how many tokens a greedy generation added, the model class."""
+    import os
+    import subprocess
+    import sys
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.save(input_ids, workdir / "batch.pt")
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env = {"PATH": os.environ.get("PATH", str(Path(sys.executable).parent)), "PYTHONPATH": os.pathsep.join(path),
+           "HF_HOME": str(workdir / "hf-home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(model_dir), str(workdir / "batch.pt"),
+                             str(workdir / "loaded.pt"), "1" if remote else "0", device],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"loading {model_dir} in plain transformers failed:\n{result.stderr[-4000:]}")
+    return torch.load(workdir / "loaded.pt")
