@@ -246,62 +246,71 @@ class Trainer:
         return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, skipped=skipped)
 
     def train(self) -> int:
+        """Resume, run the steps (update, record, evaluate, log, checkpoint), then checkpoint and evaluate the end."""
         self.resume()
         logger = MetricsLogger(self.output_dir, self.total_steps, self.step) if self.rank == 0 else None
         if self.config.health.enabled:
             self.health = ExpertHealth(self.engine.module, self.config.health, self.device, first_step=self.step + 1)
         batch_iter = iter(self.batches)
-        train = self.config.train
-        exit_code = 0
         self.engine.train()
-        stop = min(self.total_steps, train.stop_at or self.total_steps)
+        stop = min(self.total_steps, self.config.train.stop_at or self.total_steps)
+        exit_code = 0
         while self.step < stop:
-            lr = self.scheduler.get_last_lr()[0]
-            started = time.perf_counter()
-            stats = self.train_step(batch_iter)
-            self.step += 1
-            tokens, preempted = check_finite_state(self.engine, self.device, f"after step {self.step}",
-                                                   also_sum=[stats.tokens, float(self.preemption.raised)])
-            tokens_per_s = tokens / (time.perf_counter() - started)
-            last = self.step == stop
-            record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                      "epoch": self.batches.state_dict()["epoch"]}
-            if stats.skipped:
-                record["skipped"] = stats.skipped
-                if logger is not None:
-                    logger.write(f"[moelora-ds] step {self.step}: {stats.skipped}; the update was discarded")
-            evaluated = bool(self.config.data.eval_path and train.eval_every and self.step % train.eval_every == 0
-                             and not last)
-            if evaluated:
-                record.update(self.evaluate())
-            logged = self.step % train.log_every == 0 or last or evaluated
-            if logged and self.health is not None:
-                self.health.interval(self.step, record, logger)
-            if logger is not None:
-                logger.advance(self.step, stats.loss, lr, tokens_per_s)
-                if logged:
-                    logger.log(record)
+            record, preempted = self.step_and_record(batch_iter, logger, last=self.step + 1 == stop)
             if preempted:
                 self.save()
                 if logger is not None:
                     logger.write(f"[moelora-ds] SIGUSR1: checkpointed step {self.step}; exiting for requeue")
                 exit_code = EXIT_CHECKPOINTED_ON_SIGNAL
                 break
-            if train.save_every and self.step % train.save_every == 0 and not last:
+            if self.config.train.save_every and self.step % self.config.train.save_every == 0 and self.step < stop:
                 self.save()
         if exit_code == 0:
-            self.save()
-            if self.config.data.eval_path:
-                final = self.evaluate()
-                if logger is not None:
-                    logger.log({"step": self.step, **final})
-                    logger.write(f"[moelora-ds] final evaluation: {final}")
+            self.finish(logger)
         if logger is not None:
             if self.health is not None:
                 self.health.finish(self.output_dir, logger)
             logger.close()
         dist.barrier()  # leave together: a rank tearing its process group down while another still used it aborted
         return exit_code
+
+    def step_and_record(self, batch_iter, logger: Optional[MetricsLogger], last: bool) -> tuple[dict, bool]:
+        """One optimizer step, its metrics record (evaluated and logged when due), and whether SIGUSR1 arrived."""
+        train = self.config.train
+        lr = self.scheduler.get_last_lr()[0]
+        started = time.perf_counter()
+        stats = self.train_step(batch_iter)
+        self.step += 1
+        tokens, preempted = check_finite_state(self.engine, self.device, f"after step {self.step}",
+                                               also_sum=[stats.tokens, float(self.preemption.raised)])
+        tokens_per_s = tokens / (time.perf_counter() - started)
+        record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                  "epoch": self.batches.state_dict()["epoch"]}
+        if stats.skipped:
+            record["skipped"] = stats.skipped
+            if logger is not None:
+                logger.write(f"[moelora-ds] step {self.step}: {stats.skipped}; the update was discarded")
+        evaluated = bool(self.config.data.eval_path and train.eval_every and self.step % train.eval_every == 0
+                         and not last)
+        if evaluated:
+            record.update(self.evaluate())
+        logged = self.step % train.log_every == 0 or last or evaluated
+        if logged and self.health is not None:
+            self.health.interval(self.step, record, logger)
+        if logger is not None:
+            logger.advance(self.step, stats.loss, lr, tokens_per_s)
+            if logged:
+                logger.log(record)
+        return record, bool(preempted)
+
+    def finish(self, logger: Optional[MetricsLogger]) -> None:
+        """The final checkpoint and evaluation."""
+        self.save()
+        if self.config.data.eval_path:
+            final = self.evaluate()
+            if logger is not None:
+                logger.log({"step": self.step, **final})
+                logger.write(f"[moelora-ds] final evaluation: {final}")
 
     def evaluate(self) -> dict:
         return evaluate_run(self.engine, self.config.data, self.tokenizer, rank=self.rank,

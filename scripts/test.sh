@@ -4,6 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 . .venv/bin/activate
+python -c "import os, torch; print(f'torch CPU capability: {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores')"
 python -m pytest -q "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "WARNING: pytest collected no tests (exit 5)"; exit 0; fi
