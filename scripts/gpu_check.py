@@ -327,6 +327,7 @@ def host_reads_check(ctx: Check) -> None:
     from host_syncs import reads_per_step
 
     config = ctx.config("riemannian_adamw", "zero3", steps=4, name="host-reads")
+    config["train"]["log_every"] = 100  # steps that log (expert health's interval, metrics) read back on purpose
     cuda = ctx.device.startswith("cuda")
     with quiet(ctx.log):
         steps, synced = reads_per_step(Trainer(load_config_from_dict(config)), cuda_syncs=cuda)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set up, build the WordNet quiz, evaluate the base model,
-# fine-tune it with 2 DeepSpeed ranks (ZeRO-3, bf16, MoE-LoRA 4x rank 8 top-2 on q/k/v/o, Riemannian AdamW,
-# sqrt gate rescaling), evaluate the exported merged model, and generate an answer with plain transformers.
+# fine-tune it with 2 DeepSpeed ranks (ZeRO-3, precision auto, MoE-LoRA 4x rank 8 top-2 on q/k/v/o, Riemannian
+# AdamW, sqrt gate rescaling), evaluate the exported merged model, and generate an answer with plain transformers.
 # Extra arguments are training overrides, e.g. `bash scripts/quickstart.sh --train.max_steps=50`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,9 @@ OUT=outputs/quickstart
 MERGED=outputs/quickstart-merged
 NUM_RANKS=${NUM_RANKS:-2}
 mkdir -p outputs
+
+setup_done=$(date +%s)
+python scripts/quickstart_estimate.py
 
 echo "== 1/5 building the WordNet definition quiz (2000 train / 500 test)"
 python -m moelora_ds.data.wordnet --out data/wordnet --seed 0
@@ -47,16 +50,17 @@ print("A:", tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_spec
       "(expected", question[-1]["content"] + ")")
 PY
 
-python - "$OUT" "$started" <<'PY'
+python - "$OUT" "$started" "$setup_done" <<'PY'
 import json, sys, time
-out, started = sys.argv[1], int(sys.argv[2])
+out, started, setup_done = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 before = json.load(open("outputs/quickstart-before.json"))
 after = json.load(open("outputs/quickstart-after.json"))
 steps = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"tokens_per_s"' in line]
 rate = sum(r["tokens_per_s"] for r in steps) / len(steps)
 print(f"accuracy before: {before['accuracy']:.1%}   after: {after['accuracy']:.1%}   "
       f"(eval loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f})")
-print(f"training: {len(steps)} steps, mean {rate:,.0f} tokens/s; wall time of the whole job: {time.time() - started:.0f} s")
+print(f"training: {len(steps)} steps, mean {rate:,.0f} tokens/s; wall time of the whole job: {time.time() - started:.0f} s "
+      f"(setup {setup_done - started} s)")
 last = steps[-1]
 if "dead_experts" in last:
     print(f"expert health at step {last['step']}: {last['dead_experts']} dead experts, expert shares "

@@ -403,7 +403,7 @@ def _unknown_tag(run: Path) -> tuple[list[str], str]:
 
 def _drop_run_file(run: Path) -> tuple[list[str], str]:
     (checkpoint_dir(run) / "moelora_run.json").unlink()
-    return [], rf"{TAG}/moelora_run.json is missing: the checkpoint is incomplete"
+    return [], rf"latest names checkpoint '{TAG}' and .*{TAG}/moelora_run\.json is missing \(incomplete or moved\)"
 
 
 def _truncate_rank_file(run: Path) -> tuple[list[str], str]:
