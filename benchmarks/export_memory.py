@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama instead of the default model")
     parser.add_argument("--results", type=Path, default=None, help="default benchmarks/RESULTS.md (none under --smoke)")
-    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/export_memory.png (none under --smoke)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default benchmarks/export_memory.png (none under --smoke)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "MODEL_DIR", "SHARD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

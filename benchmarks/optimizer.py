@@ -208,7 +208,7 @@ def plot(results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for i, (dtype, times, ratios, alone) in enumerate(results):
+    for i, (_dtype, times, ratios, alone) in enumerate(results):
         for j, name in enumerate(("adamw", "riemannian")):
             values = [t * 1e3 for t in times[name]]
             axes[0].scatter([i + (j - 0.5) * 0.3] * len(values), values, s=12, label=name if i == 0 else None,

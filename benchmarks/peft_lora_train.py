@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     from moelora_ds.engine import seed_everything
     from moelora_ds.lm_loss import causal_lm_loss
     from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
-    from moelora_ds.precision import resolve_dtype
     from moelora_ds.optim_factory import scheduler_factory
+    from moelora_ds.precision import resolve_dtype
 
     config = load_config(args.config, overrides)
     train = config.train

@@ -132,7 +132,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--top-ops", type=int, default=8, help="operators listed by extra cost")
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, random batch, 2 repetitions")
     parser.add_argument("--results", type=Path, default=None, help="default benchmarks/RESULTS.md (none under --smoke)")
-    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/step_profile.png (none under --smoke)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default benchmarks/step_profile.png (none under --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.reps, args.profiled_steps = 2, 1
@@ -169,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                f"{fmt_ratio(paired_ratios(cpu['frozen'], cpu['peft']))} (median [25th-75th percentile] of "
                f"per-round paired ratios)"]
     tables = markdown_table(header, rows) + "\n\nOperators by extra self CPU time, MoE-LoRA over PEFT LoRA " \
-        "(median of the profiled steps, ms):\n\n" + markdown_table(["operator", "moelora", "peft", "difference"], op_rows)
+        "(median of the profiled steps, ms):\n\n" + \
+        markdown_table(["operator", "moelora", "peft", "difference"], op_rows)
     print(tables + "\n\n" + "\n".join(summary))
     if args.plot is not None:
         plot({name: profiles[name][0] for name in TRAINERS}, args.plot)

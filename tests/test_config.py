@@ -29,7 +29,8 @@ def test_file_and_overrides_merge(tmp_path):
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
     path = write(tmp_path, "train:\n  micro_batch_sise: 4\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml: unknown key 'train\.micro_batch_sise' \(did you mean 'micro_batch_size'\?\)"):
+    message = r"run\.yaml: unknown key 'train\.micro_batch_sise' \(did you mean 'micro_batch_size'\?\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 
@@ -101,7 +102,8 @@ def test_contradicting_deepspeed_config_names_both_sides(tmp_path):
     ds_file = write(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}),
                     "ds.json")
     config = load_config(None, [f"--deepspeed={ds_file}", "--train.micro_batch_size=4"])
-    with pytest.raises(ConfigError, match=r"ds\.json: 'train_micro_batch_size_per_gpu' is 16 but .*train\.micro_batch_size"):
+    message = r"ds\.json: 'train_micro_batch_size_per_gpu' is 16 but .*train\.micro_batch_size"
+    with pytest.raises(ConfigError, match=message):
         build_deepspeed_config(config)
 
 

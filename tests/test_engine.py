@@ -41,7 +41,8 @@ def launch(config: dict, workdir: Path, env: dict, *extra: str, world_size: int 
                str(REPO / "launcher" / "train.py"), "--config", str(path), *extra]
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
     return result
 
 
@@ -160,7 +161,8 @@ def run_probe(body: str, config: dict, tmp_path: Path, env: dict) -> list[dict]:
 @pytest.mark.distributed
 def test_zero3_partitions_every_frozen_weight(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
     reports = run_probe(
-        "frozen = {n: (p.numel(), list(getattr(p, 'ds_shape', []))) for n, p in model.named_parameters() if not p.requires_grad}\n"
+        "frozen = {n: (p.numel(), list(getattr(p, 'ds_shape', [])))\n"
+        "          for n, p in model.named_parameters() if not p.requires_grad}\n"
         "trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)\n"
         "say('RESULT ' + json.dumps({'rank': rank, 'frozen': frozen, 'trainable': trainable}))\n",
         run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out"), tmp_path, subprocess_env)
@@ -210,7 +212,8 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
     reports = run_probe(
         "for _, layer in moelora_layers(model):\n"
         "    layer.router.weight.data.zero_()\n"
-        "engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optimizer, offload=False), config=ds)\n"
+        "engine, *_ = deepspeed.initialize(model=model, config=ds,\n"
+        "                                  optimizer=build_optimizer(model, cfg.optimizer, offload=False))\n"
         "torch.manual_seed(rank)\n"
         "for _ in range(3):\n"
         "    ids = torch.randint(0, 300, (2, 12))\n"

@@ -146,7 +146,7 @@ def test_a_lost_rank_ends_the_job(fault, reference, tmp_path, subprocess_env):
     except subprocess.TimeoutExpired:
         send(ranks(out), signal.SIGKILL)
         process.kill()
-        raise AssertionError(f"the job still ran 60 s after a rank was {fault}")
+        raise AssertionError(f"the job still ran 60 s after a rank was {fault}") from None
     elapsed = time.monotonic() - started
     assert returncode != 0 and elapsed < 60, log(out)
     deadline = time.monotonic() + 10

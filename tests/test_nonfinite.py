@@ -113,7 +113,8 @@ def test_stop_names_the_step_on_every_rank(poisoned, tmp_path, subprocess_env):
 def test_nonfinite_gradient_with_finite_loss_stops(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
     """lr=1e4: step 1 makes the experts huge, and from step 2 the gradients overflow though the loss is finite."""
     out = tmp_path / "out"
-    config = run_config(tiny_model_dir, tiny_mc_data, out, optimizer={"lr": 1e4}, scheduler={"name": "constant", "warmup_steps": 0},
+    config = run_config(tiny_model_dir, tiny_mc_data, out, optimizer={"lr": 1e4},
+                        scheduler={"name": "constant", "warmup_steps": 0},
                         train={"max_steps": 4, "grad_accum": 1, "save_every": 1, "output_dir": str(out)})
     result = launch(config, tmp_path, subprocess_env, check=False)
     output = result.stdout + result.stderr

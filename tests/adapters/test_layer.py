@@ -287,7 +287,7 @@ def test_gradients_match_reference(rescale, top_k):
 
 
 def test_sqrt_expert_gradient_is_sqrt_gate_weighted():
-    """One token: d/dB_e of <u, y> is s * sqrt(g_e) * u (A_e x)^T under "sqrt" and s * g_e * u (A_e x)^T under "none"."""
+    """One token: d/dB_e of <u, y> is s * sqrt(g_e) * u (A_e x)^T under "sqrt", s * g_e * u (A_e x)^T under "none"."""
     sqrt_layer, plain = layer_pair()
     x = torch.randn(1, 12, dtype=torch.float64)
     upstream = torch.randn(1, 10, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""create_riemannian_optimizer against a hand-written reference loop (docs/METHOD.md section 2), and a short fine-tune."""
+"""create_riemannian_optimizer against a hand-written reference loop (docs/METHOD.md section 2); a short fine-tune."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from host_syncs import HostReads
 
 
 def explicit_preconditioning(grad_A, grad_B, lora_A, lora_B, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_A <- (B^T B + dI)^-1 grad_A, grad_B <- grad_B (A A^T + dI)^-1, per expert, with explicit float64 inverses."""
+    """grad_A <- (B^T B + dI)^-1 grad_A, grad_B <- grad_B (A A^T + dI)^-1, per expert, explicit float64 inverses."""
     A, B = lora_A.detach().double(), lora_B.detach().double()
     eye = torch.eye(A.shape[1], dtype=torch.float64)
     new_A = torch.stack([torch.linalg.inv(B[e].t() @ B[e] + reg * eye) @ grad_A[e].double() for e in range(A.shape[0])])
