@@ -73,7 +73,8 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
             logits, targets = supervised_logits_and_targets(model, batch, device)
             loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
             tokens += int((targets != IGNORE_INDEX).sum())
-    loss_sum, tokens = all_sum([loss_sum, float(tokens)], device)
+    if world_size > 1:
+        loss_sum, tokens = all_sum([loss_sum, float(tokens)], device)
     return loss_sum / tokens if tokens else float("nan")
 
 
@@ -146,7 +147,8 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
             for i, p in zip(chunk, predictions):
                 correct += choices[p] == split[i][1]
                 predicted[p] += 1
-    correct, *predicted = all_sum([float(correct), *map(float, predicted)], device)
+    if world_size > 1:
+        correct, *predicted = all_sum([float(correct), *map(float, predicted)], device)
     total = sum(predicted)  # every scored record has exactly one prediction
     return {"accuracy": correct / total, "correct": int(correct), "total": int(total),
             "predicted": {choice: int(n) for choice, n in zip(choices, predicted)}}

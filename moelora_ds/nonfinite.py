@@ -15,7 +15,7 @@ The losses' and gradients' finiteness is read once per step, in the all-reduce b
 A skipped step still consumes its data and its place in the learning-rate schedule. A non-finite
 gradient with a finite loss is discarded (or stops the run) the same way. Should an update ever be
 applied although it was non-finite, or an update overflow the parameters, `check_finite_state` stops
-the run whatever the policy, and `checkpoint.save_checkpoint` refuses to write a non-finite state.
+the run whatever the policy, and `checkpoints.save_load.save_checkpoint` refuses to write a non-finite state.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ NUM_RANKS=${NUM_RANKS:-2}
 mkdir -p outputs
 
 setup_done=$(date +%s)
-python scripts/quickstart_estimate.py
+python scripts/quickstart_estimate.py 2>&1 | grep -v "Setting accelerator"
 
 echo "== 1/5 building the WordNet definition quiz (2000 train / 500 test)"
 python -m moelora_ds.data.wordnet --out data/wordnet --seed 0

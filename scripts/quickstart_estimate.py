@@ -19,8 +19,8 @@ from moelora_ds.precision import resolve_dtype  # noqa: E402
 
 REFERENCE = {"machine": "AMD EPYC with AVX512-BF16 (bf16)", "cores": 2, "gflops": 497.0, "setup_s": 210.0,
              "compute_s": 665.0}
-"""The measured reference run: its cores, one core's 1024^3 matmul GFLOP/s, the setup (install, data, model
-conversion) and the rest of the job (evaluations, training, export), in seconds."""
+"""The measured reference run: its cores, one core's 1024^3 matmul GFLOP/s, the setup (installs, on a fresh
+machine) and the rest of the job (data, model conversion, evaluations, training, export), in seconds."""
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
@@ -39,6 +39,11 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
 
 
 def main() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        print("== expected duration: the reference was measured on CPUs; the progress bar's ETA applies here")
+        return
     dtype = resolve_dtype("auto", announce=False)
     gflops = matmul_gflops(getattr(torch, dtype))
     cores = os.cpu_count() or 1

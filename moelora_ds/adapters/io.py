@@ -84,7 +84,6 @@ def group_by_layer(adapters: Mapping[str, torch.Tensor]) -> dict[str, dict[str, 
     return layers
 
 
-
 class AdapterError(ValueError):
     """An adapter directory that does not fit the model it is loaded into (or is no adapter at all)."""
 

@@ -90,5 +90,5 @@ def convert_data_position(position: dict, saved_units: int, units: int) -> dict:
     consumed = int(position["batch_index"]) * saved_units
     if consumed % units:
         raise CheckpointError(f"the checkpoint's data position ({consumed} units into epoch {position['epoch']}) "
-                          f"is not a whole number of this run's batches of {units} units")
+                              f"is not a whole number of this run's batches of {units} units")
     return {"epoch": int(position["epoch"]), "batch_index": consumed // units}

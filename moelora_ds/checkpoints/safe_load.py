@@ -42,6 +42,9 @@ def safe_load(path: Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path}: refused: it holds an object that is neither a tensor nor on the allow-list "
                               f"of checkpoint contents ({reason}); checkpoints are never loaded in a way that "
                               f"could run code from them") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def vet_checkpoint_files(checkpoint_dir: Path) -> None:
