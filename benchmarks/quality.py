@@ -93,8 +93,9 @@ def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple
 
 
 def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds, forms=("ours",)) -> list[Cell]:
-    return [Cell(opt, method, lr, seed, form) for opt in optimizers for form in forms for lr in rates[opt]
-            for method in methods for seed in seeds]
+    """The sweep's cells, seed by seed: a sweep stopped early leaves whole replicates of the grid."""
+    return [Cell(opt, method, lr, seed, form) for seed in seeds for opt in optimizers for form in forms
+            for lr in rates[opt] for method in methods]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -127,22 +127,40 @@ def eval_loss_table(results: list[dict]) -> str:
 def expert_use_table(results: list[dict]) -> str:
     """Dead experts and the largest expert share at the last step per cell (means over seeds), one table per
     optimizer; empty when no cell recorded expert health."""
-    use: dict[tuple[str, str], dict[float, list[tuple[float, float]]]] = {}
+    use: dict[tuple[str, str, str], dict[float, list[tuple[float, float]]]] = {}
     for r in results:
         health = r.get("health") or {}
         if "dead_experts" in health:
-            use.setdefault((r["optimizer"], r["method"]), {}).setdefault(r["lr"], []).append(
+            use.setdefault(arm(r), {}).setdefault(r["lr"], []).append(
                 (health["dead_experts"], health["expert_share_max"]))
     tables = []
     for opt in OPTIMIZERS:
-        keys = [(opt, m) for m in METHODS if (opt, m) in use]
+        keys = arms_of(opt, use)
         rates = sorted({lr for key in keys for lr in use[key]})
         if keys:
             def cell(values: list[tuple[float, float]]) -> str:
                 return f"{mean(v[0] for v in values):.0f} dead, max {mean(v[1] for v in values):.0%}"
-            rows = [[opt, key[1], *[cell(use[key][lr]) if lr in use[key] else "-" for lr in rates]] for key in keys]
-            tables.append(markdown_table(["optimizer", "method", *[f"lr {lr:g}" for lr in rates]], rows))
+            rows = [[*key, *[cell(use[key][lr]) if lr in use[key] else "-" for lr in rates]] for key in keys]
+            tables.append(markdown_table(["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates]], rows))
     return "\n\n".join(tables)
+
+
+def per_seed_table(results: list[dict], chance: float) -> str:
+    """Accuracy (%) of every seed, one row per (arm, lr), with the spread over seeds (best minus worst seed)."""
+    by_cell: dict[tuple, dict[int, float]] = {}
+    for r in results:
+        by_cell.setdefault((*arm(r), r["lr"]), {})[r["seed"]] = cell_accuracy(r, chance)
+    seeds = sorted({r["seed"] for r in results})
+    if len(seeds) < 2:
+        return ""
+    order = {key: (OPTIMIZERS.index(key[0]), list(FORMS).index(key[1]), list(METHODS).index(key[2]), key[3])
+             for key in by_cell}
+    rows = []
+    for key in sorted(by_cell, key=order.get):
+        accs = by_cell[key]
+        spread = f"{100 * (max(accs.values()) - min(accs.values())):.1f}" if len(accs) > 1 else "-"
+        rows.append([*key[:3], f"{key[3]:g}", *[fmt_acc(accs.get(s)) for s in seeds], spread])
+    return markdown_table(["optimizer", "form", "method", "lr", *[f"seed {s}" for s in seeds], "seed spread"], rows)
 
 
 def accuracy_by_step_table(out_dir: Path) -> str:
@@ -164,28 +182,28 @@ def accuracy_by_step_table(out_dir: Path) -> str:
                           [[*cells, *[fmt_acc(curve.get(s)) for s in steps]] for _, cells, curve in sorted(rows)])
 
 
-def plot(summary: dict, path: Path, chance: float) -> None:
+def plot(summary: dict, results: list[dict], path: Path, chance: float) -> None:
+    """One panel per (optimizer, form): mean accuracy over seeds against the rate per method, each seed a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    optimizers = [opt for opt in OPTIMIZERS if any(k[0] == opt for k in summary)]
-    several_forms = len({k[1] for k in summary}) > 1
-    fig, axes = plt.subplots(1, len(optimizers), figsize=(6 * len(optimizers), 4.2), squeeze=False)
-    for ax, opt in zip(axes[0], optimizers):
-        for form, style in zip(FORMS, ("-", "--")):  # one line style per form, one colour per method in every plot
-            for method, marker, color in zip(METHODS, "osD", ("C0", "C1", "C2")):
-                accs = summary.get((opt, form, method))
-                if accs:
-                    ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, color=color, linestyle=style,
-                            label=f"{method} ({form})" if several_forms else method)
+    panels = [(opt, form) for opt in OPTIMIZERS for form in FORMS if any(k[:2] == (opt, form) for k in summary)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (opt, form) in zip(axes[0], panels):
+        for method, marker, color in zip(METHODS, "osD", ("C0", "C1", "C2")):
+            accs = summary.get((opt, form, method))
+            if accs:
+                ax.plot(list(accs), [100 * a for a in accs.values()], marker=marker, color=color, label=method)
+                seeds = [(r["lr"], 100 * cell_accuracy(r, chance)) for r in results if arm(r) == (opt, form, method)]
+                ax.scatter(*zip(*seeds), marker=marker, color=color, alpha=0.35, s=14)
         ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
         ax.set_ylim(0, 100)  # the same scale everywhere: a few points around chance must not look like a trend
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final eval accuracy (%)")
-        ax.set_title(opt)
+        ax.set_title(f"{opt}, {form} form (line: mean over seeds; dots: seeds)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, "Benchmark 4: final accuracy vs learning rate", path)
@@ -210,7 +228,7 @@ def write_report(args, config_path: Path) -> None:
     tables, notes, summary = report_lines(results, chance)
     print(tables + "\n\n" + "\n".join(notes))
     if args.plot is not None:
-        plot(summary, args.plot, chance)
+        plot(summary, results, args.plot, chance)
         print(f"wrote {args.plot}")
     if args.results is None:
         return
@@ -259,6 +277,9 @@ def write_report(args, config_path: Path) -> None:
         "",
         eval_loss_table(results),
     ]
+    seeds_table = per_seed_table(results, chance)
+    if seeds_table:
+        body += ["", "Accuracy (%) per seed (a diverged cell counts as chance):", "", seeds_table]
     experts = expert_use_table(results)
     if experts:
         body += ["", "Expert use at the last step (expert health: experts below health.dead_share of their layer's "

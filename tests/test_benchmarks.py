@@ -135,6 +135,12 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert (record["form"], record["final_eval_record"], record["final_train_record"]) == ("ours", final, step)
     assert record["health"] == {"dead_experts": 1, "expert_share_max": 0.45} and record["health_alarms"] == 1
 
+    second_seed = quality.Cell(cells[0].optimizer, cells[0].method, cells[0].lr, 2)
+    (out / second_seed.name).mkdir()
+    (out / second_seed.name / quality.RESULT_FILE).write_text(json.dumps(
+        {"optimizer": second_seed.optimizer, "method": second_seed.method, "lr": second_seed.lr, "seed": 2,
+         "accuracy": 0.2, "eval_loss": 1.4, "steps": 4, "wall_s": 1.0, "diverged": True}))
+
     class Args:  # a finished cell is never retrained
         out_dir = out
     assert quality.run_cell(cells[0], Args, Path("unused.yaml"), [], ([], {}))["accuracy"] == 0.3
@@ -144,16 +150,24 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "<!-- BEGIN quality -->" in text
     assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
-    # three methods per optimizer in the accuracy, eval-loss and expert-use tables, then one row per finished cell
-    assert text.count("| sgd |") == 3 + 3 + 3 + 6 and text.count("| adamw |") == 3 + 3 + 3 + 5
-    assert "Expert use at the last step" in text and "| sgd | plain | 0 dead, max 40% | 2 dead, max 40% |" in text
+    # three methods per optimizer in the accuracy, eval-loss and expert-use tables, one row per (method, rate) in
+    # the per-seed table, then one row per finished cell in the accuracy-during-training table
+    assert text.count("| sgd |") == 3 + 3 + 3 + 6 + 7 and text.count("| adamw |") == 3 + 3 + 3 + 5 + 5
+    assert "Expert use at the last step" in text
+    assert "| sgd | ours | plain | 0 dead, max 40% | 2 dead, max 40% |" in text
+    # the diverged second seed counts as chance: (30 + 25) / 2 in the sweep table, its own column per seed
+    assert "| sgd | ours | plain | 27.5 | 45.0 |" in text
+    assert "| optimizer | form | method | lr | seed 1 | seed 2 | seed spread |" in text
+    assert "| sgd | ours | plain | 0.01 | 30.0 | 25.0 | 5.0 |" in text
+    assert "| sgd | ours | plain | 0.1 | 45.0 | - | - |" in text
     assert "1 of 2 rates finished" in text
     collapsed = cells[1]
     assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} ours {collapsed.method} "
             f"lr {collapsed.lr:g} seed 1 (A 95%)\n") in text
     assert "| sgd | ours | plain | 1.000 | 1.030 |" in text
     assert "| optimizer | form | method | lr | seed | step 2 | step 4 |" in text  # accuracy during training, per cell
-    assert "| sgd | ours | plain | 0.01 | 1 | 25.0 | 30.0 |" in text and text.count("| 25.0 |") == 11
+    assert "| sgd | ours | plain | 0.01 | 1 | 25.0 | 30.0 |" in text
+    assert text.count("| 25.0 |") == 11 + 1  # step 2 of the 11 cells with evaluations; seed 2 in the per-seed table
     assert png.stat().st_size > 1000
 
 
