@@ -39,7 +39,7 @@ from moelora_ds.distributed.process_group import all_sum, init_distributed, loca
 from moelora_ds.ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from moelora_ds.evaluate import evaluate_run
 from moelora_ds.expert_health import ExpertHealth
-from moelora_ds.lm_loss import causal_lm_loss
+from moelora_ds.lm_loss import causal_lm_loss, host_to_device
 from moelora_ds.metrics import MetricsLogger
 from moelora_ds.model_loading import load_base_model, load_tokenizer, local_model_dir
 from moelora_ds.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
@@ -224,7 +224,9 @@ class Trainer:
         for micro in range(micro_batches):
             batch = next(batch_iter)
             tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
-            with self.health.recording(batch["attention_mask"]) if self.health is not None else nullcontext():
+            recording = (self.health.recording(host_to_device(batch["attention_mask"], self.device))
+                         if self.health is not None else nullcontext())
+            with recording:
                 loss = causal_lm_loss(self.engine, batch, self.device)
             aux = router_aux_loss(self.engine.module)
             if aux is not None:

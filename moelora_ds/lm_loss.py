@@ -8,7 +8,8 @@ forward has no `logits_to_keep` get the full logits; the result is the same eith
 
 Batches arrive on the CPU (collate.pad_batch). What the host must know about them (the positions, whether a
 mask is needed) is read from the CPU tensors with numpy, which cannot touch device memory, and only then
-are they moved to the device: computing the loss reads nothing back from the device.
+are they moved to the device (`host_to_device`: staged in pinned memory and copied asynchronously, since a
+copy from pageable memory waits for the device's queue): computing the loss reads nothing back from the device.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
         return torch.device(get_accelerator().current_device_name())
     return parameter.device
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU `tensor` on `device`, copied without making the host wait for the device (pinned, non-blocking)."""
+    if device.type == "cpu":
+        return tensor
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().pin_memory(tensor).to(device, non_blocking=True)
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -79,9 +89,9 @@ def supervised_logits_and_targets(model: torch.nn.Module, batch: Mapping[str, to
     """fp32 logits (N, vocab) and their targets (N,) (IGNORE_INDEX where unlabelled) at the predicting positions of a
     CPU `batch`, computed on `device`."""
     positions = predicting_positions(batch["labels"])
-    targets = batch["labels"][:, positions + 1].to(device)
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-    logits = logits_at(model, inputs, positions.to(device)).float()
+    targets = host_to_device(batch["labels"][:, positions + 1], device)
+    inputs = {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+    logits = logits_at(model, inputs, host_to_device(positions, device)).float()
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 

@@ -30,7 +30,7 @@ from moelora_ds.evaluate import (
     multiple_choice_answers,
 )
 from moelora_ds.expert_health import layers_json, plot_heat_maps, reduce_routing
-from moelora_ds.lm_loss import logits_at, model_device, model_inputs
+from moelora_ds.lm_loss import host_to_device, logits_at, model_device, model_inputs
 
 ALL = "all"
 """The report's label of the whole data set."""
@@ -78,8 +78,8 @@ def _group_sums(model: nn.Module, stats: RoutingStats, examples: list[dict], pro
     stats.reset()
     for batch in eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                               pad_token_id=pad_token_id):
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        with stats.recording(counted_tokens(batch, prompt_only).to(device)):
+        inputs = {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        with stats.recording(host_to_device(counted_tokens(batch, prompt_only), device)):
             logits_at(model, inputs, first)
     return reduce_routing(stats)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from moelora_ds.engine import Trainer
+from moelora_ds.lm_loss import host_to_device
 
 from harness import load_config_from_dict, run_config
-from host_syncs import reads_per_step
+from host_syncs import HostReads, reads_per_step
 
 OURS = {"moelora_ds/distributed/process_group.py:all_sum": 2}
 OTHERS_AT_MOST = {
@@ -44,10 +46,23 @@ def test_host_reads_per_training_step(stage, process_group, tiny_model_dir, tiny
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", deepspeed=f"ds_configs/zero{stage}.json",
                         train={"max_steps": 4, "save_every": 0, "log_every": 100, "grad_clip": 1.0,
                                "output_dir": str(tmp_path / "out")})
-    steps, _ = reads_per_step(Trainer(load_config_from_dict(config)))
-    assert len(steps) == 4
+    steps, _, copies = reads_per_step(Trainer(load_config_from_dict(config)))
+    assert len(steps) == 4 and not any(copies)  # nothing leaves the host on the CPU
     for step in steps[1:3]:  # the first step sets things up; the last one's tail is the end of training
         ours = {where: n for where, n in step.items() if where.startswith("moelora_ds")}
         assert ours == OURS, dict(step)
         for library, limit in OTHERS_AT_MOST[stage].items():
             assert sum(n for where, n in step.items() if where.startswith(library)) <= limit, dict(step)
+
+
+def test_blocking_host_to_device_copies_are_counted():
+    """Copies of unpinned host tensors to another device (here the meta device, the CPU's stand-in for an
+    accelerator) are counted apart from host reads; host_to_device leaves a tensor bound for the CPU alone."""
+    source = torch.arange(6)
+    with HostReads() as reads:
+        source.to("meta")
+        torch.empty(6, dtype=source.dtype, device="meta").copy_(source)
+        source.to(torch.float64)
+        same = host_to_device(source, torch.device("cpu"))
+    assert sum(reads.blocking_copies.values()) == 2 and reads.total() == 0
+    assert same is source
