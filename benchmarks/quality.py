@@ -27,7 +27,11 @@ Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, deta
        --num-ranks 1 --parallel 2 --micro-batch-size 16 --steps 120 --deepspeed=ds_configs/zero0.json
        --data.train_on_eos=false --train.eval_every=40; any further --key=value goes to every cell's train.py;
        with the end-of-turn token in the loss too, accuracy on this quiz jumps only after ~150 steps)
-      (the paper's AdamW and ours side by side, 3 seeds: --optimizers adamw --forms paper ours --seeds 1 2 3)
+      (the re-test of the paper's claim in RESULTS.md, `quality_sweep`: --optimizers adamw --forms paper ours
+       --adamw-rates 2e-3 5e-4 1e-2 1e-4 --seeds 42 1 2 --steps 150 --num-ranks 1 --parallel 2
+       --micro-batch-size 16 --deepspeed=ds_configs/zero0.json --model.dtype=bfloat16
+       --out-dir benchmarks/quality_sweep --section quality_sweep --plot benchmarks/quality_sweep.png;
+       its cells' result files are in git, so it resumes from a fresh clone)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
@@ -93,9 +97,10 @@ def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple
 
 
 def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds, forms=("ours",)) -> list[Cell]:
-    """The sweep's cells, seed by seed: a sweep stopped early leaves whole replicates of the grid."""
-    return [Cell(opt, method, lr, seed, form) for seed in seeds for opt in optimizers for form in forms
-            for lr in rates[opt] for method in methods]
+    """The sweep's cells, seed by seed (a sweep stopped early leaves whole replicates of the grid), the rates in the
+    order given (the likely working rate first), every form and method at each rate."""
+    return [Cell(opt, method, lr, seed, form) for seed in seeds for opt in optimizers for lr in rates[opt]
+            for form in forms for method in methods]
 
 
 def _pid_alive(pid: int) -> bool:
