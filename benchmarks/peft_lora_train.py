@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                              seed=train.seed, shuffle=config.data.shuffle, packing=config.data.packing,
                              max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id)
 
-    model = load_base_model(model_dir, config.model.dtype, ds_config)
+    model = load_base_model(model_dir, config.model.dtype, ds_config, config.model.attn_implementation)
     seed_everything(train.seed)
     dtype = DTYPES[resolve_dtype(config.model.dtype, announce=False)]
     opt = config.optimizer

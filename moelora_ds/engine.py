@@ -59,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
     """Frozen base (partitioned at build time under ZeRO-3) with MoE-LoRA injected, adapters seeded identically."""
-    model = load_base_model(model_dir, config.model.dtype, ds_config)
+    model = load_base_model(model_dir, config.model.dtype, ds_config, config.model.attn_implementation)
     seed_everything(config.train.seed)
     inject_moelora(model, config.moelora)
     if config.model.gradient_checkpointing:

@@ -10,7 +10,7 @@ from deepspeed.accelerator import get_accelerator
 
 from moelora_ds.config import RunConfig
 from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
-from moelora_ds.precision import resolve_dtype
+from moelora_ds.precision import resolve_attention, resolve_dtype
 
 
 def _on_accelerator(model: torch.nn.Module) -> torch.nn.Module:
@@ -28,7 +28,7 @@ def load_for_eval(config: RunConfig, *, checkpoint: Optional[Path] = None, tag: 
         from moelora_ds.checkpoints.adapters import read_trained_adapters
 
         trained = read_trained_adapters(checkpoint, tag)
-        model = load_base_model(trained.model_dir, config.model.dtype)
+        model = load_base_model(trained.model_dir, config.model.dtype, attention=config.model.attn_implementation)
         load_adapter_tensors(model, trained.adapters, trained.config)
         return _on_accelerator(model), load_tokenizer(trained.model_dir), f"checkpoint {trained.checkpoint_dir}"
     if exported is not None:
@@ -36,11 +36,15 @@ def load_for_eval(config: RunConfig, *, checkpoint: Optional[Path] = None, tag: 
             from moelora_ds.adapters.io import load_adapter
 
             model_dir = local_model_dir(config.model, is_converter=is_converter, barrier=barrier)
-            model = load_adapter(load_base_model(model_dir, config.model.dtype), exported)
+            base = load_base_model(model_dir, config.model.dtype, attention=config.model.attn_implementation)
+            model = load_adapter(base, exported)
             return _on_accelerator(model), load_tokenizer(model_dir), f"adapter export {exported}"
-        dtype = DTYPES[resolve_dtype(config.model.dtype, announce=False)]
-        model = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype, trust_remote_code=True)
+        dtype = resolve_dtype(config.model.dtype, announce=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            exported, dtype=DTYPES[dtype], trust_remote_code=True,
+            attn_implementation=resolve_attention(config.model.attn_implementation, dtype))
         return _on_accelerator(model), load_tokenizer(exported, trust_remote_code=True), f"exported model {exported}"
     model_dir = local_model_dir(config.model, is_converter=is_converter, barrier=barrier)
-    return _on_accelerator(load_base_model(model_dir, config.model.dtype)), load_tokenizer(model_dir), \
+    base = load_base_model(model_dir, config.model.dtype, attention=config.model.attn_implementation)
+    return _on_accelerator(base), load_tokenizer(model_dir), \
         f"base model {config.model.name_or_path}"

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from moelora_ds.config import ConfigError, ModelConfig
-from moelora_ds.precision import resolve_dtype
+from moelora_ds.precision import resolve_attention, resolve_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -122,15 +122,18 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(model_dir: Path, dtype: str, ds_config: Optional[dict] = None):
-    """The frozen base causal LM; under a ZeRO-3 DeepSpeed config it is built partitioned (zero.Init)."""
+def load_base_model(model_dir: Path, dtype: str, ds_config: Optional[dict] = None, attention: str = "auto"):
+    """The frozen base causal LM in `dtype` with `attention` (model.attn_implementation); under a ZeRO-3 DeepSpeed
+    config it is built partitioned (zero.Init)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     # transformers (5.x) builds the model inside zero.Init only while a stage-3 HfDeepSpeedConfig is alive.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[resolve_dtype(dtype, announce=False)])
+    resolved = resolve_dtype(dtype, announce=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[resolved],
+                                                 attn_implementation=resolve_attention(attention, resolved))
     del hf_ds_config
     model.requires_grad_(False)
     model.config.use_cache = False

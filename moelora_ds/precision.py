@@ -4,6 +4,10 @@ bf16 on a CUDA-class device that supports it, fp16 (DeepSpeed's dynamic loss sca
 not, bf16 on a CPU with bf16 matrix instructions (AMX or AVX512-BF16), fp32 on any other CPU, where
 bf16 matrix products are emulated (measured 94x slower than fp32 on an AVX2-only AMD EPYC).
 `MOELORA_CPU_BF16=1` or `=0` overrides the CPU detection (containers may hide the CPU flags).
+
+`model.attn_implementation: auto` follows the precision: on the CPU in bf16/fp16, transformers' eager
+attention (torch's fused CPU attention is slow to differentiate in bf16: RESULTS.md, "Attention on the
+CPU"), elsewhere transformers' default (SDPA).
 """
 
 from __future__ import annotations
@@ -87,3 +91,15 @@ def resolve_dtype(requested: str, announce: bool) -> str:
     if announce:
         print(f"[moelora-ds] precision: {dtype} ({reason})", flush=True)
     return dtype
+
+
+def resolve_attention(requested: str, dtype: str, device: str | None = None) -> str | None:
+    """The `attn_implementation` to load models with: `requested`, or for "auto" eager attention on the CPU in a
+    16-bit dtype and None (transformers' default) otherwise; `device` defaults to the accelerator's."""
+    if requested != "auto":
+        return requested
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().device_name()
+    return "eager" if device == "cpu" and dtype in ("bfloat16", "float16") else None

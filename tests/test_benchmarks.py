@@ -23,6 +23,7 @@ SCRIPTS = {
     "step_profile.py": ("| trainer | CPU ms/step | tokens/s (CPU time) | vs frozen |", 3, "step_profile"),
     "export_memory.py": ("| mode | max shard | shards | largest shard MiB |", 2, "export_memory"),
     "health_cost.py": ("| health | CPU ms/step | vs off (paired) |", 2, "health_cost"),
+    "attention.py": ("| dtype | attention | CPU ms/step | speed vs SDPA |", 5, "attention"),
 }
 
 

@@ -66,15 +66,18 @@ def test_only_predicting_positions_are_kept():
     torch.testing.assert_close(logits_at(model, inputs, positions), model(**inputs).logits[:, positions])
 
 
-def test_packed_batch_has_the_loss_of_its_samples_unpacked(tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batch_has_the_loss_of_its_samples_unpacked(tiny_tokenizer, attention):
     """Packed rows (data.packing) give the loss and adapter gradients of the same samples padded one per row: no
-    token attends to another example of its row (the trainer's path, MoE-LoRA injected, fp32)."""
+    token attends to another example of its row (the trainer's path, MoE-LoRA injected, fp32), with either
+    attention model.attn_implementation chooses by itself."""
     examples, _ = tokenize_records(multiple_choice_records(12, seed=5), "chat", tiny_tokenizer, 64)
     rows = pack_examples(examples, 96)
     assert len(rows) < len(examples) and any(len(r["input_ids"]) < max(len(q["input_ids"]) for q in rows)
                                              for r in rows)  # several examples per row, and padded rows
     adapters = MoELoRAConfig(num_experts=4, rank=4, top_k=2, dropout=0.0)
     model = inject_moelora(build_tiny_model("llama", seed=2).float(), adapters)
+    model.set_attn_implementation(attention)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in adapter_parameters(model).items():

@@ -1,14 +1,25 @@
-"""`model.dtype: auto`: the rule on forced hardware either way, and the detection on this machine."""
+"""`model.dtype: auto`: the rule on forced hardware either way, and the detection on this machine; the attention
+implementation that follows the precision (`model.attn_implementation: auto`)."""
 
 from __future__ import annotations
 
 import subprocess
 
 import pytest
+import torch
 
 from moelora_ds.config import load_config
 from moelora_ds.ds_config import build_deepspeed_config
-from moelora_ds.precision import CPU_BF16_ENV, Hardware, choose_dtype, cpu_flags, cpu_hardware, detect_hardware
+from moelora_ds.model_loading import load_base_model
+from moelora_ds.precision import (
+    CPU_BF16_ENV,
+    Hardware,
+    choose_dtype,
+    cpu_flags,
+    cpu_hardware,
+    detect_hardware,
+    resolve_attention,
+)
 
 
 @pytest.mark.parametrize("hardware,expected", [
@@ -51,3 +62,19 @@ def test_auto_sets_deepspeed_precision(monkeypatch, forced, bf16):
     monkeypatch.setenv(CPU_BF16_ENV, forced)
     ds = build_deepspeed_config(load_config(None, []))
     assert ds["bf16"]["enabled"] is bf16 and ds["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("requested,dtype,device,expected", [
+    ("auto", "bfloat16", "cpu", "eager"), ("auto", "float16", "cpu", "eager"), ("auto", "float32", "cpu", None),
+    ("auto", "bfloat16", "cuda", None), ("sdpa", "bfloat16", "cpu", "sdpa"), ("eager", "float32", "cuda", "eager"),
+])
+def test_attention_follows_the_precision(requested, dtype, device, expected):
+    assert resolve_attention(requested, dtype, device) == expected
+
+
+@pytest.mark.parametrize("dtype,requested,expected", [("bfloat16", "auto", "eager"), ("float32", "auto", "sdpa"),
+                                                      ("bfloat16", "sdpa", "sdpa")])
+def test_models_load_with_the_chosen_attention(tiny_model_dir, dtype, requested, expected):
+    """On the CPU (this test's accelerator) a bf16 model gets eager attention, an fp32 one transformers' default."""
+    model = load_base_model(tiny_model_dir, dtype, attention=requested)
+    assert model.config._attn_implementation == expected and model.dtype == getattr(torch, dtype)
