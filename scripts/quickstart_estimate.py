@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from moelora_ds.precision import resolve_dtype  # noqa: E402
 
 REFERENCE = {"machine": "AMD EPYC with AVX512-BF16 (bf16)", "cores": 2, "gflops": 497.0, "setup_s": 210.0,
-             "compute_s": 665.0}
+             "compute_s": 575.0}
 """The measured reference run: its cores, one core's 1024^3 matmul GFLOP/s, the setup (installs, on a fresh
 machine) and the rest of the job (data, model conversion, evaluations, training, export), in seconds."""
 
