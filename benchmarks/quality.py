@@ -11,11 +11,12 @@ and `paper`, the paper's recipe (launcher/configs/paper.yaml: AdamW without bias
 gradients unclipped, a dropout mask per expert).
 Every cell (optimizer, form, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
 --config CONFIG` with overrides, in its own output directory OUT/CELL; `--parallel N` runs N cells at once
-(on GPUs each on its own R devices, on CPU each with cores / (N * R) threads); its result, the final evaluation
-(metrics.jsonl's last record with "accuracy"), with the expert health of the last logged step (dead experts,
-smallest and largest expert share, router entropy) and the number of collapse alarms, goes to
-OUT/CELL/result.json. The driver just loops over the cells and skips those whose result.json exists, so it
-can be stopped and restarted at any time, or started detached with --background. `--report`
+(on GPUs each on its own R devices, shared round-robin when N * R exceeds them; each with cores / (N * R)
+threads); its result, the final evaluation (metrics.jsonl's last record with "accuracy"), with the expert health
+of the last logged step (dead experts, smallest and largest expert share, router entropy), the number of collapse
+alarms and the device it ran on, goes to OUT/CELL/result.json. The driver just loops over the cells and skips
+those whose result.json exists, so it can be stopped and restarted at any time, or started detached with
+--background (scripts/gpu_sweep.sh runs it on a GPU machine). `--report`
 (quality_report.py) reads the result files and writes the table (accuracy per cell; mean, worst and
 best-minus-worst over the sweep per method; expert use) into the `quality` section of benchmarks/RESULTS.md
 and the plot benchmarks/quality.png (accuracy vs learning rate, log x).
@@ -87,13 +88,29 @@ class Cell:
                 *FORMS[self.form][self.optimizer]]
 
 
-def slot_launch(slot: int, num_ranks: int, parallel: int, on_gpu: bool) -> tuple[list[str], dict[str, str]]:
-    """The launcher's device arguments and environment for concurrent cell number `slot` of `parallel`."""
-    if on_gpu:
-        devices = ",".join(str(slot * num_ranks + i) for i in range(num_ranks))
-        return ["--include", f"localhost:{devices}"], {}
-    threads = max(1, (os.cpu_count() or 1) // (parallel * num_ranks))
-    return ["--num_gpus", str(num_ranks)], {"OMP_NUM_THREADS": str(threads)}
+def slot_launch(slot: int, num_ranks: int, parallel: int, num_devices: int) -> tuple[list[str], dict[str, str]]:
+    """The launcher's device arguments and environment for concurrent cell number `slot` of `parallel`: on a
+    machine with `num_devices` GPUs the slot's R of them (slots share GPUs round-robin when there are more slots
+    than GPUs: a small model leaves one mostly idle), on CPU (0) `--num_gpus R`; cores / (N * R) threads each."""
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (parallel * num_ranks)))}
+    if num_devices:
+        devices = ",".join(str((slot * num_ranks + i) % num_devices) for i in range(num_ranks))
+        return ["--include", f"localhost:{devices}"], threads
+    return ["--num_gpus", str(num_ranks)], threads
+
+
+def device_description() -> str:
+    """What the cells run on: the GPU's name, or the CPU and torch's capability on it (its bf16 speed depends on it)."""
+    import platform
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    kind = get_accelerator().device_name()
+    if kind != "cpu":
+        module = torch.get_device_module(kind)
+        return module.get_device_name(0) if hasattr(module, "get_device_name") else kind
+    return f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores"
 
 
 def cells_of(optimizers, methods, rates: dict[str, list[float]], seeds, forms=("ours",)) -> list[Cell]:
@@ -172,7 +189,7 @@ def run_cell(cell: Cell, args, config: Path, base_overrides: list[str],
                                     stderr=subprocess.STDOUT, timeout=args.timeout).returncode
     wall = time.perf_counter() - started
     marker.unlink(missing_ok=True)
-    result = result_from_metrics(cell, cell_dir, returncode, wall)
+    result = {**result_from_metrics(cell, cell_dir, returncode, wall), "device": args.device}
     if returncode == 3:  # stopped on non-finite values (only with --train.nonfinite=stop): diverged
         result["diverged"] = True
     elif returncode != 0 or result["accuracy"] is None:
@@ -190,13 +207,15 @@ def run_cells(cells: list[Cell], args, config: Path, base: list[str]) -> None:
     """Train the cells, args.parallel at a time, each concurrent one on its own slot of the machine."""
     from deepspeed.accelerator import get_accelerator
 
-    on_gpu = get_accelerator().device_name() != "cpu"
+    accelerator = get_accelerator()
+    num_devices = accelerator.device_count() if accelerator.device_name() != "cpu" else 0
+    args.device = device_description()
     free_slots = list(range(args.parallel))
 
     def train(cell: Cell) -> None:
         slot = free_slots.pop()
         try:
-            run_cell(cell, args, config, base, slot_launch(slot, args.num_ranks, args.parallel, on_gpu))
+            run_cell(cell, args, config, base, slot_launch(slot, args.num_ranks, args.parallel, num_devices))
         finally:
             free_slots.append(slot)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from statistics import mean
 from typing import Optional
@@ -209,6 +210,12 @@ def plot(summary: dict, results: list[dict], path: Path, chance: float) -> None:
     save_figure(fig, "Benchmark 4: final accuracy vs learning rate", path)
 
 
+def device_counts(results: list[dict]) -> str:
+    """How many cells ran on each device (cells from before devices were recorded ran on a CPU)."""
+    counts = Counter(r.get("device", "cpu (not recorded)") for r in results)
+    return "; ".join(f"{device}: {n}" for device, n in counts.most_common())
+
+
 def sweep_settings(args, overrides: list[str]) -> dict:
     """What --report needs to describe a sweep: its arguments, the cells' common overrides, ranks, momentum."""
     return {"argv": args.sweep_args, "overrides": overrides, "num_ranks": args.num_ranks, "parallel": args.parallel,
@@ -245,6 +252,7 @@ def write_report(args, config_path: Path) -> None:
                                           if args.report else ""),
         "",
         *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],
+        f"- cells per device: {device_counts(results)}",
         f"- training: {config_path.name} ({run_config.model.name_or_path} {run_config.model.gguf_file or ''}, "
         f"{run_config.model.dtype}, MoE-LoRA {m.num_experts}x r{m.rank} top-{m.top_k} on "
         f"{', '.join(m.target_modules)}, "

@@ -108,8 +108,13 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
             form.optimizer.router_clip, form.train.grad_clip, form.moelora.dropout_per_expert) == \
         (recipe.optimizer.bias_correction, recipe.optimizer.betas, recipe.optimizer.eps, recipe.optimizer.router_lr,
          recipe.optimizer.router_clip, recipe.train.grad_clip, recipe.moelora.dropout_per_expert)
-    assert quality.slot_launch(1, 2, 2, on_gpu=True) == (["--include", "localhost:2,3"], {})
-    devices, env = quality.slot_launch(0, 1, 2, on_gpu=False)
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
+    assert quality.slot_launch(1, 2, 2, num_devices=4) == (["--include", "localhost:2,3"], threads)
+    one_gpu = [quality.slot_launch(slot, 1, 4, num_devices=1)[0] for slot in range(4)]
+    assert one_gpu == [["--include", "localhost:0"]] * 4
+    assert [quality.slot_launch(slot, 1, 3, num_devices=2)[0][1] for slot in range(3)] == \
+        ["localhost:0", "localhost:1", "localhost:0"]
+    devices, env = quality.slot_launch(0, 1, 2, num_devices=0)
     assert devices == ["--num_gpus", "1"] and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     out = tmp_path / "cells"
     for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
@@ -118,6 +123,8 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
                   "accuracy": 0.3 + 0.05 * (i % 5), "eval_loss": 1.0 + i / 100, "steps": 4, "wall_s": 1.0,
                   "predicted": {"A": 19, "B": 1, "C": 0, "D": 0} if i == 1 else {"A": 5, "B": 5, "C": 5, "D": 5},
                   "health": {"dead_experts": 2 * (i % 2), "expert_share_max": 0.4}}
+        if i < 2:
+            record["device"] = "NVIDIA H100 80GB HBM3"
         (out / cell.name / quality.RESULT_FILE).write_text(json.dumps(record))
         evals = [{"step": 2, "eval_loss": 1.4, "accuracy": 0.25},
                  {"step": 4, "eval_loss": 1.0, "accuracy": record["accuracy"]}]
@@ -155,6 +162,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     # the per-seed table, then one row per finished cell in the accuracy-during-training table
     assert text.count("| sgd |") == 3 + 3 + 3 + 6 + 7 and text.count("| adamw |") == 3 + 3 + 3 + 5 + 5
     assert "Expert use at the last step" in text
+    assert "- cells per device: cpu (not recorded): 10; NVIDIA H100 80GB HBM3: 2\n" in text
     assert "| sgd | ours | plain | 0 dead, max 40% | 2 dead, max 40% |" in text
     # the diverged second seed counts as chance: (30 + 25) / 2 in the sweep table, its own column per seed
     assert "| sgd | ours | plain | 27.5 | 45.0 |" in text
