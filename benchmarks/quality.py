@@ -29,10 +29,10 @@ Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, deta
        --data.train_on_eos=false --train.eval_every=40; any further --key=value goes to every cell's train.py;
        with the end-of-turn token in the loss too, accuracy on this quiz jumps only after ~150 steps)
       (the re-test of the paper's claim in RESULTS.md, `quality_sweep`: --optimizers adamw --forms paper ours
-       --adamw-rates 2e-3 5e-4 1e-2 1e-4 --seeds 42 1 2 --steps 150 --num-ranks 1 --parallel 2
+       --adamw-rates 2e-3 1e-3 5e-4 1e-2 1e-4 --seeds 42 1 2 --steps 150 --num-ranks 1 --parallel 2
        --micro-batch-size 16 --deepspeed=ds_configs/zero0.json --model.dtype=bfloat16
        --out-dir benchmarks/quality_sweep --section quality_sweep --plot benchmarks/quality_sweep.png;
-       its cells' result files are in git, so it resumes from a fresh clone)
+       its cells' result files are in git, so it resumes from a fresh clone; on a GPU: scripts/gpu_sweep.sh)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
