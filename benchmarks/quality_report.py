@@ -23,11 +23,15 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
 OPTIMIZERS = ("sgd", "adamw")
 _PAPER_ROUTING = ["--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0", "--train.grad_clip=0",
                   "--moelora.dropout_per_expert=true"]
-FORMS = {  # name -> optimizer -> overrides: "ours" is the configuration as it is, "paper" launcher/configs/paper.yaml
+_PAPER_OPTIMIZER = {"sgd": ["--optimizer.momentum=0"],
+                    "adamw": ["--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]",
+                              "--optimizer.eps=1e-6"]}
+FORMS = {  # name -> optimizer -> overrides: "ours" is the configuration as it is, "paper" launcher/configs/paper.yaml;
+    # the two halves of "paper" apart, to tell which of its differences matters
     "ours": {"sgd": [], "adamw": []},
-    "paper": {"sgd": [*_PAPER_ROUTING, "--optimizer.momentum=0"],
-              "adamw": [*_PAPER_ROUTING, "--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]",
-                        "--optimizer.eps=1e-6"]},
+    "paper": {opt: [*_PAPER_ROUTING, *_PAPER_OPTIMIZER[opt]] for opt in OPTIMIZERS},
+    "paper_optimizer": {opt: _PAPER_OPTIMIZER[opt] for opt in OPTIMIZERS},
+    "paper_routing": {opt: _PAPER_ROUTING for opt in OPTIMIZERS},
 }
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
@@ -267,7 +271,9 @@ def write_report(args, config_path: Path) -> None:
         f"eps {run_config.optimizer.eps:g}, bias correction {'on' if run_config.optimizer.bias_correction else 'off'}, "
         f"router lr {run_config.optimizer.router_lr or 'the expert lr'}; SGD momentum {sweep['sgd_momentum']:g}); "
         f"`paper` the paper's recipe (launcher/configs/paper.yaml): AdamW `{' '.join(FORMS['paper']['adamw'])}`, "
-        f"SGD `{' '.join(FORMS['paper']['sgd'])}`",
+        f"SGD `{' '.join(FORMS['paper']['sgd'])}`"
+        + "".join(f"; `{form}` ours with AdamW `{' '.join(FORMS[form]['adamw'])}`, SGD `{' '.join(FORMS[form]['sgd'])}`"
+                  for form in FORMS if form.startswith("paper_") and any(arm(r)[1] == form for r in results)),
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
         f"(first {run_config.data.eval_max_samples} records)" if run_config.data.eval_max_samples else
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",

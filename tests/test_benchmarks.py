@@ -109,6 +109,12 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         (recipe.optimizer.bias_correction, recipe.optimizer.betas, recipe.optimizer.eps, recipe.optimizer.router_lr,
          recipe.optimizer.router_clip, recipe.train.grad_clip, recipe.moelora.dropout_per_expert)
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
+    for opt in ("sgd", "adamw"):  # the ablation forms are the paper form's two halves
+        halves = [quality.Cell(opt, "riemannian", 1e-3, 1, form).overrides() for form in ("paper_routing",
+                                                                                          "paper_optimizer")]
+        assert halves[0] + halves[1][len(quality.Cell(opt, "riemannian", 1e-3, 1).overrides()):] == \
+            quality.Cell(opt, "riemannian", 1e-3, 1, "paper").overrides()
+        assert "--optimizer.router_lr=3e-8" in halves[0] and "--optimizer.router_lr=3e-8" not in halves[1]
     assert quality.slot_launch(1, 2, 2, num_devices=4) == (["--include", "localhost:2,3"], threads)
     one_gpu = [quality.slot_launch(slot, 1, 4, num_devices=1)[0] for slot in range(4)]
     assert one_gpu == [["--include", "localhost:0"]] * 4
