@@ -33,7 +33,9 @@ Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, deta
        --adamw-rates 2e-3 1e-3 5e-4 1e-2 1e-4 --seeds 42 1 2 --steps 150 --num-ranks 1 --parallel 2
        --micro-batch-size 16 --deepspeed=ds_configs/zero0.json --model.dtype=bfloat16
        --out-dir benchmarks/quality_sweep --section quality_sweep --plot benchmarks/quality_sweep.png;
-       its cells' result files are in git, so it resumes from a fresh clone; on a GPU: scripts/gpu_sweep.sh)
+       its cells' result files are in git, so it resumes from a fresh clone; on a GPU: scripts/gpu_sweep.sh;
+       its SGD part, in the paper's form only (scaled GD without momentum, expert gradients unclipped: with our
+       clip of 1.0 Riemannian SGD stalls): the same with --optimizers sgd --forms paper --sgd-rates 3e-2 3e-1)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
