@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import FORMS, METHODS, OPTIMIZERS, RESULT_FILE, SWEEP_FILE, fmt_acc, sweep_settings, write_report  # noqa: E402
+from quality_report import FORMS, METHODS, OPTIMIZERS, RESULT_FILE, fmt_acc, record_sweep, sweep_settings, write_report  # noqa: E402
 
 from bench_utils import BENCH_DIR, REPO_ROOT, free_port, launch_env  # noqa: E402
 
@@ -335,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"[quality] {len(cells)} cells in {args.out_dir}; "
               f"{sum(read_result(args.out_dir / c.name) is not None for c in cells)} already done", flush=True)
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / SWEEP_FILE).write_text(json.dumps(sweep_settings(args, base), indent=2))
+        record_sweep(args.out_dir, sweep_settings(args, base))
         run_cells(cells, args, config, base)
         if args.smoke or args.results is not None or args.plot is not None:
             write_report(args, config)

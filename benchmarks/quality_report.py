@@ -221,9 +221,23 @@ def device_counts(results: list[dict]) -> str:
 
 
 def sweep_settings(args, overrides: list[str]) -> dict:
-    """What --report needs to describe a sweep: its arguments, the cells' common overrides, ranks, momentum."""
-    return {"argv": args.sweep_args, "overrides": overrides, "num_ranks": args.num_ranks, "parallel": args.parallel,
-            "sgd_momentum": args.sgd_momentum}
+    """What --report needs to describe a sweep: its commands, the cells' common overrides, ranks, momentum."""
+    return {"commands": [args.sweep_args], "overrides": overrides, "num_ranks": args.num_ranks,
+            "parallel": args.parallel, "sgd_momentum": args.sgd_momentum}
+
+
+def record_sweep(out_dir: Path, settings: dict) -> None:
+    """Writes `settings` to OUT/sweep.json, keeping the commands of earlier runs into the same directory (a sweep
+    run in parts, such as its AdamW and its SGD cells, is reported with every part's command)."""
+    path = out_dir / SWEEP_FILE
+    earlier = sweep_commands(json.loads(path.read_text())) if path.is_file() else []
+    commands = earlier + [c for c in settings["commands"] if c not in earlier]
+    path.write_text(json.dumps({**settings, "commands": commands}, indent=2))
+
+
+def sweep_commands(sweep: dict) -> list[list[str]]:
+    """The argument lists of the runs that made a sweep's cells (a file from before "commands" has one "argv")."""
+    return sweep.get("commands") or [sweep["argv"]]
 
 
 def write_report(args, config_path: Path) -> None:
@@ -252,7 +266,8 @@ def write_report(args, config_path: Path) -> None:
         f"## Benchmark 4: accuracy across learning rates ({', '.join(o for o in OPTIMIZERS if o in optimizers)}), "
         "plain MoE-LoRA vs Riemannian vs Riemannian + sqrt",
         "",
-        f"Command: `{command_line()}`" + (f" (the cells: `python benchmarks/quality.py {' '.join(sweep['argv'])}`)"
+        f"Command: `{command_line()}`" + (" (the cells: " + "; ".join(f"`python benchmarks/quality.py {' '.join(c)}`"
+                                                                         for c in sweep_commands(sweep)) + ")"
                                           if args.report else ""),
         "",
         *machine_lines(["deepspeed", "transformers"], os.getloadavg())[:3],

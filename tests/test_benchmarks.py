@@ -158,10 +158,19 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     class Args:  # a finished cell is never retrained
         out_dir = out
     assert quality.run_cell(cells[0], Args, Path("unused.yaml"), [], ([], {}))["accuracy"] == 0.3
+    # a sweep run in two parts (a file written before "commands" existed, then a second command) keeps both
+    settings = {"overrides": [], "num_ranks": 1, "parallel": 2, "sgd_momentum": 0.9}
+    (out / "sweep.json").write_text(json.dumps({"argv": ["--optimizers", "adamw"], **settings}))
+    for _ in range(2):
+        quality.record_sweep(out, {"commands": [["--optimizers", "sgd"]], **settings})
+    assert json.loads((out / "sweep.json").read_text())["commands"] == [["--optimizers", "adamw"],
+                                                                         ["--optimizers", "sgd"]]
     md, png = tmp_path / "r.md", tmp_path / "q.png"
     quality.main(["--report", "--out-dir", str(out), "--results", str(md), "--plot", str(png)])
     text = md.read_text()
     assert "<!-- BEGIN quality -->" in text
+    assert ("(the cells: `python benchmarks/quality.py --optimizers adamw`; "
+            "`python benchmarks/quality.py --optimizers sgd`)") in text
     assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
     # three methods per optimizer in the accuracy, eval-loss and expert-use tables, one row per (method, rate) in
