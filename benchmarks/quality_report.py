@@ -36,6 +36,7 @@ FORMS = {  # name -> optimizer -> overrides: "ours" is the configuration as it i
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report
 COLLAPSED_SHARE = 0.9  # a cell that gave one answer this often is reported as collapsed
+LEARNED_MARGIN = 0.15  # a cell this far above chance learned the task (5 standard errors at 200 questions, 4 choices)
 
 
 def fmt_acc(value: Optional[float]) -> str:
@@ -70,23 +71,29 @@ def summarize(results: list[dict], chance: float):
 
 
 def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], dict]:
-    """One markdown table per optimizer (arms x rates, mean, worst, best-worst) and summary lines."""
+    """One markdown table per optimizer (arms x rates, mean, worst, best-worst, cells that learned) and summary
+    lines. Best-worst alone reads an arm that learns at no rate as the least sensitive; the cells that learned
+    tell the two apart."""
     summary = summarize(results, chance)
+    learned_at = chance + LEARNED_MARGIN
     tables, notes = [], []
     for opt in OPTIMIZERS:
         keys = arms_of(opt, summary)
         if not keys:
             continue
         rates = sorted({lr for k in keys for lr in summary[k]})
-        header = ["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst"]
+        header = ["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst",
+                  f"cells >= {100 * learned_at:.0f}%"]
         rows = []
         for key in keys:
             accs = summary[key]
             values = [accs[lr] for lr in rates if lr in accs]
             complete = len(values) == len(rates)
+            cells = [cell_accuracy(r, chance) for r in results if arm(r) == key]
             rows.append([*key, *[fmt_acc(accs.get(lr)) for lr in rates],
                          fmt_acc(mean(values)) + ("" if complete else "*"), fmt_acc(min(values)),
-                         f"{100 * (max(values) - min(values)):.1f}"])
+                         f"{100 * (max(values) - min(values)):.1f}",
+                         f"{sum(a >= learned_at - 1e-9 for a in cells)} of {len(cells)}"])
             if not complete:
                 notes.append(f"- {' '.join(key)}: {len(values)} of {len(rates)} rates finished (* mean of those)")
         tables.append(markdown_table(header, rows))
@@ -292,7 +299,8 @@ def write_report(args, config_path: Path) -> None:
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path} "
         f"(first {run_config.data.eval_max_samples} records)" if run_config.data.eval_max_samples else
         f"- accuracy: multiple-choice accuracy (%) of the final evaluation on {run_config.data.eval_path}",
-        f"- per method: mean and worst over the rates, and best minus worst (lower: less sensitive); a cell "
+        f"- per method: mean and worst over the rates, best minus worst (lower: less sensitive, among arms that "
+        f"learn), and the cells that learned ({100 * LEARNED_MARGIN:.0f} points above chance or more); a cell "
         f"stopped on non-finite values counts as chance ({100 * chance:.0f}%); {len(results)} cells, "
         f"{sum(walls) / 3600:.1f} h of training",
         "",

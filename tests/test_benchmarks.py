@@ -171,7 +171,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "<!-- BEGIN quality -->" in text
     assert ("(the cells: `python benchmarks/quality.py --optimizers adamw`; "
             "`python benchmarks/quality.py --optimizers sgd`)") in text
-    assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst |" in text
+    assert "| optimizer | form | method | lr 0.01 | lr 0.1 | mean | worst | best-worst | cells >= 40% |" in text
     assert "## Benchmark 4: accuracy across learning rates (sgd, adamw)," in text
     # three methods per optimizer in the accuracy, eval-loss and expert-use tables, one row per (method, rate) in
     # the per-seed table, then one row per finished cell in the accuracy-during-training table
@@ -180,7 +180,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "- cells per device: cpu (not recorded): 10; NVIDIA H100 80GB HBM3: 2\n" in text
     assert "| sgd | ours | plain | 0 dead, max 40% | 2 dead, max 40% |" in text
     # the diverged second seed counts as chance: (30 + 25) / 2 in the sweep table, its own column per seed
-    assert "| sgd | ours | plain | 27.5 | 45.0 |" in text
+    assert "| sgd | ours | plain | 27.5 | 45.0 | 36.3 | 27.5 | 17.5 | 1 of 3 |" in text  # 30, 25 (diverged) and 45
     assert "| optimizer | form | method | lr | seed 1 | seed 2 | seed spread |" in text
     assert "| sgd | ours | plain | 0.01 | 30.0 | 25.0 | 5.0 |" in text
     assert "| sgd | ours | plain | 0.1 | 45.0 | - | - |" in text
