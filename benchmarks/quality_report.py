@@ -84,23 +84,26 @@ def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], di
         rates = sorted({lr for k in keys for lr in summary[k]})
         header = ["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst",
                   f"cells >= {100 * learned_at:.0f}%"]
-        rows = []
+        rows, learned = [], {}
         for key in keys:
             accs = summary[key]
             values = [accs[lr] for lr in rates if lr in accs]
             complete = len(values) == len(rates)
             cells = [cell_accuracy(r, chance) for r in results if arm(r) == key]
+            learned[key] = (sum(a >= learned_at - 1e-9 for a in cells), len(cells))
             rows.append([*key, *[fmt_acc(accs.get(lr)) for lr in rates],
                          fmt_acc(mean(values)) + ("" if complete else "*"), fmt_acc(min(values)),
                          f"{100 * (max(values) - min(values)):.1f}",
-                         f"{sum(a >= learned_at - 1e-9 for a in cells)} of {len(cells)}"])
+                         "{} of {}".format(*learned[key])])
             if not complete:
                 notes.append(f"- {' '.join(key)}: {len(values)} of {len(rates)} rates finished (* mean of those)")
         tables.append(markdown_table(header, rows))
         best = max(keys, key=lambda k: mean(summary[k].values()))
         robust = max(keys, key=lambda k: min(summary[k].values()))
+        most = max(keys, key=lambda k: learned[k][0])
         notes.append(f"- {opt}: highest mean accuracy: {' '.join(best[1:])} ({fmt_acc(mean(summary[best].values()))}); "
-                     f"highest worst-case accuracy: {' '.join(robust[1:])} ({fmt_acc(min(summary[robust].values()))})")
+                     f"highest worst-case accuracy: {' '.join(robust[1:])} ({fmt_acc(min(summary[robust].values()))}); "
+                     "most cells that learned: {} ({} of {})".format(' '.join(most[1:]), *learned[most]))
     collapsed = [f"{' '.join(arm(r))} lr {r['lr']:g} seed {r['seed']} ({letter} {100 * share:.0f}%)"
                  for r in results for letter, share in [dominant_answer(r)] if share >= COLLAPSED_SHARE]
     if collapsed:

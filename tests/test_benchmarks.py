@@ -185,6 +185,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "| sgd | ours | plain | 0.01 | 30.0 | 25.0 | 5.0 |" in text
     assert "| sgd | ours | plain | 0.1 | 45.0 | - | - |" in text
     assert "1 of 2 rates finished" in text
+    assert "most cells that learned: ours plain (1 of 3)\n" in text
     collapsed = cells[1]
     assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} ours {collapsed.method} "
             f"lr {collapsed.lr:g} seed 1 (A 95%)\n") in text
