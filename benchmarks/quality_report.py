@@ -83,7 +83,7 @@ def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], di
             continue
         rates = sorted({lr for k in keys for lr in summary[k]})
         header = ["optimizer", "form", "method", *[f"lr {lr:g}" for lr in rates], "mean", "worst", "best-worst",
-                  f"cells >= {100 * learned_at:.0f}%"]
+                  f"cells >= {100 * learned_at:.3g}%"]
         rows, learned = [], {}
         for key in keys:
             accs = summary[key]
@@ -100,16 +100,25 @@ def report_lines(results: list[dict], chance: float) -> tuple[str, list[str], di
         tables.append(markdown_table(header, rows))
         best = max(keys, key=lambda k: mean(summary[k].values()))
         robust = max(keys, key=lambda k: min(summary[k].values()))
-        most = max(keys, key=lambda k: learned[k][0])
         notes.append(f"- {opt}: highest mean accuracy: {' '.join(best[1:])} ({fmt_acc(mean(summary[best].values()))}); "
                      f"highest worst-case accuracy: {' '.join(robust[1:])} ({fmt_acc(min(summary[robust].values()))}); "
-                     "most cells that learned: {} ({} of {})".format(' '.join(most[1:]), *learned[most]))
+                     + most_learned(learned))
     collapsed = [f"{' '.join(arm(r))} lr {r['lr']:g} seed {r['seed']} ({letter} {100 * share:.0f}%)"
                  for r in results for letter, share in [dominant_answer(r)] if share >= COLLAPSED_SHARE]
     if collapsed:
         notes.append(f"- collapsed onto one answer (>= {100 * COLLAPSED_SHARE:.0f}% of the questions): "
                      + "; ".join(collapsed))
     return "\n\n".join(tables), notes, summary
+
+
+def most_learned(learned: dict[tuple[str, str, str], tuple[int, int]]) -> str:
+    """Which arms have the largest share of cells that learned ({arm: (learned, cells)}), ties all named."""
+    share = {key: k / n for key, (k, n) in learned.items()}
+    top = max(share.values())
+    if top == 0:
+        return "no cell learned"
+    return "most cells that learned: " + ", ".join(
+        "{} ({} of {})".format(" ".join(key[1:]), *learned[key]) for key in learned if share[key] == top)
 
 
 def dominant_answer(result: dict) -> tuple[str, float]:

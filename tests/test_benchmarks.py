@@ -185,7 +185,10 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert "| sgd | ours | plain | 0.01 | 30.0 | 25.0 | 5.0 |" in text
     assert "| sgd | ours | plain | 0.1 | 45.0 | - | - |" in text
     assert "1 of 2 rates finished" in text
-    assert "most cells that learned: ours plain (1 of 3)\n" in text
+    # sgd: plain 1 of 3 cells at 40% or more, Riemannian 1 of 2 and + sqrt 1 of 2 (the 40% cell counts): a tie by share
+    assert "| sgd | ours | riemannian+sqrt | 40.0 | 30.0 | 35.0 | 30.0 | 10.0 | 1 of 2 |" in text  # 40% counts
+    assert "most cells that learned: ours riemannian (1 of 2), ours riemannian+sqrt (1 of 2)\n" in text
+    assert _bench_module("quality_report").most_learned({("adamw", "paper", "plain"): (0, 3)}) == "no cell learned"
     collapsed = cells[1]
     assert (f"- collapsed onto one answer (>= 90% of the questions): {collapsed.optimizer} ours {collapsed.method} "
             f"lr {collapsed.lr:g} seed 1 (A 95%)\n") in text
