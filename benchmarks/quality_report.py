@@ -225,6 +225,9 @@ def plot(summary: dict, results: list[dict], path: Path, chance: float) -> None:
         ax.axhline(100 * chance, ls="--", lw=0.8, color="grey", label="chance")
         ax.set_ylim(0, 100)  # the same scale everywhere: a few points around chance must not look like a trend
         ax.set_xscale("log")
+        rates = sorted({lr for k, accs in summary.items() if k[:2] == (opt, form) for lr in accs})
+        ax.set_xticks(rates, [f"{lr:g}" for lr in rates], minor=False)
+        ax.set_xticks([], minor=True)  # the swept rates only: log-axis minor labels overlap over a short range
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final eval accuracy (%)")
         ax.set_title(f"{opt}, {form} form (line: mean over seeds; dots: seeds)", fontsize=9)
