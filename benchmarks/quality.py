@@ -9,7 +9,9 @@ each in one or more optimizer forms (`--forms`, quality_report.FORMS): `ours`, t
 and `paper`, the paper's recipe (launcher/configs/paper.yaml: AdamW without bias correction, betas
 (0.9, 0.999), eps 1e-6; SGD without momentum; routers at lr 3e-8 with their own clip 1.0, expert
 gradients unclipped, a dropout mask per expert); `paper_optimizer` and `paper_routing` are ours with one of the
-two halves of those differences (the optimizer's settings; routers, clipping and dropout), to tell which matters.
+two halves of those differences (the optimizer's settings; routers, clipping and dropout), to tell which matters,
+and `paper_router_lr`, `paper_unclipped`, `paper_dropout` ours with one part of the routing half (routers at
+lr 3e-8 with their own clip; expert gradients unclipped, the routers clipped on their own; a mask per expert).
 Every cell (optimizer, form, method, lr, seed) is one training run, `deepspeed --num_gpus R launcher/train.py
 --config CONFIG` with overrides, in its own output directory OUT/CELL; `--parallel N` runs N cells at once
 (on GPUs each on its own R devices, shared round-robin when N * R exceeds them; each with cores / (N * R)
@@ -266,7 +268,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--forms", nargs="+", default=["ours"], choices=list(FORMS),
                         help="optimizer forms: ours (the configuration as it is), paper (the paper's recipe), "
-                             "paper_optimizer and paper_routing (ours with one half of the paper's differences)")
+                             "paper_optimizer and paper_routing (ours with one half of the paper's differences), "
+                             "paper_router_lr, paper_unclipped and paper_dropout (ours with one part of "
+                             "paper_routing)")
     parser.add_argument("--rates", type=float, nargs="+", default=None, help="learning rates for every optimizer")
     parser.add_argument("--sgd-rates", type=float, nargs="+", default=DEFAULT_RATES["sgd"])
     parser.add_argument("--adamw-rates", type=float, nargs="+", default=DEFAULT_RATES["adamw"])

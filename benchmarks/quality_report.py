@@ -21,17 +21,23 @@ METHODS = {  # name -> (riemannian optimizer?, gate_rescale)
     "riemannian+sqrt": (True, "sqrt"),
 }
 OPTIMIZERS = ("sgd", "adamw")
+_PAPER_ROUTER_LR = ["--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0"]
+_PAPER_UNCLIPPED = ["--train.grad_clip=0", "--optimizer.router_clip=1.0"]
+_PAPER_DROPOUT = ["--moelora.dropout_per_expert=true"]
 _PAPER_ROUTING = ["--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0", "--train.grad_clip=0",
-                  "--moelora.dropout_per_expert=true"]
+                  *_PAPER_DROPOUT]
 _PAPER_OPTIMIZER = {"sgd": ["--optimizer.momentum=0"],
                     "adamw": ["--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]",
                               "--optimizer.eps=1e-6"]}
 FORMS = {  # name -> optimizer -> overrides: "ours" is the configuration as it is, "paper" launcher/configs/paper.yaml;
-    # the two halves of "paper" apart, to tell which of its differences matters
+    # the two halves of "paper" apart, and the routing half's three parts apart, to tell which difference matters
     "ours": {"sgd": [], "adamw": []},
     "paper": {opt: [*_PAPER_ROUTING, *_PAPER_OPTIMIZER[opt]] for opt in OPTIMIZERS},
     "paper_optimizer": {opt: _PAPER_OPTIMIZER[opt] for opt in OPTIMIZERS},
     "paper_routing": {opt: _PAPER_ROUTING for opt in OPTIMIZERS},
+    "paper_router_lr": {opt: _PAPER_ROUTER_LR for opt in OPTIMIZERS},
+    "paper_unclipped": {opt: _PAPER_UNCLIPPED for opt in OPTIMIZERS},
+    "paper_dropout": {opt: _PAPER_DROPOUT for opt in OPTIMIZERS},
 }
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written by the driver and read by --report

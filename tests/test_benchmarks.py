@@ -115,6 +115,13 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         assert halves[0] + halves[1][len(quality.Cell(opt, "riemannian", 1e-3, 1).overrides()):] == \
             quality.Cell(opt, "riemannian", 1e-3, 1, "paper").overrides()
         assert "--optimizer.router_lr=3e-8" in halves[0] and "--optimizer.router_lr=3e-8" not in halves[1]
+        base = len(quality.Cell(opt, "riemannian", 1e-3, 1).overrides())
+        parts = [quality.Cell(opt, "riemannian", 1e-3, 1, form).overrides()[base:]
+                 for form in ("paper_router_lr", "paper_unclipped", "paper_dropout")]
+        assert set().union(*parts) == set(halves[0][base:])  # the routing half's parts, together, are that half
+        assert [("--optimizer.router_lr=3e-8" in part, "--train.grad_clip=0" in part,
+                 "--moelora.dropout_per_expert=true" in part) for part in parts] == \
+            [(True, False, False), (False, True, False), (False, False, True)]
     assert quality.slot_launch(1, 2, 2, num_devices=4) == (["--include", "localhost:2,3"], threads)
     one_gpu = [quality.slot_launch(slot, 1, 4, num_devices=1)[0] for slot in range(4)]
     assert one_gpu == [["--include", "localhost:0"]] * 4
