@@ -38,6 +38,9 @@ Run:  nice -n 19 python benchmarks/quality.py --background      (the sweep, deta
        its cells' result files are in git, so it resumes from a fresh clone; on a GPU: scripts/gpu_sweep.sh;
        its SGD part, in the paper's form only (scaled GD without momentum, expert gradients unclipped: with our
        clip of 1.0 Riemannian SGD stalls): the same with --optimizers sgd --forms paper --sgd-rates 3e-2 3e-1)
+      (which of the paper's differences keeps its form from learning, `quality_ablation`: the same settings
+       with --methods riemannian+sqrt --adamw-rates 2e-3 --forms paper_optimizer paper_routing, then
+       paper_router_lr paper_unclipped paper_dropout; RESULTS.md lists each run's command)
       python benchmarks/quality.py --report                     (table and plot from the finished cells)
       python benchmarks/quality.py --smoke                      (tiny model, 2 rates x AdamW, 2 steps)
 """
