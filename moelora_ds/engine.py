@@ -58,10 +58,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
-    """Frozen base (partitioned at build time under ZeRO-3) with MoE-LoRA injected, adapters seeded identically."""
+    """Frozen base (partitioned at build time under ZeRO-3) with MoE-LoRA injected from `train.seed`."""
     model = load_base_model(model_dir, config.model.dtype, ds_config, config.model.attn_implementation)
     seed_everything(config.train.seed)
-    inject_moelora(model, config.moelora)
+    inject_moelora(model, config.moelora, seed=config.train.seed)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

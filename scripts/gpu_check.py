@@ -5,10 +5,15 @@
 Prints one line per check (PASS, FAIL, SKIP; INFO for diagnostics) and exits 1 if a check failed. Every
 training run is the real Trainer (moelora_ds.engine) in this process at world size 1, fp32 unless said, on
 the tiny run of tests/harness.py (2-layer Llama, E=4 r=4 top-2 sqrt on q/k/v/o, grad accumulation 2):
+  start     the adapters every stage's engine starts from (after deepspeed.initialize, before any step) against the
+            reference's, bitwise: one line naming the stages and tensors that start elsewhere (a device-dependent
+            initialisation shows here, before any update can blur it)
+  grads     the gradient every stage has accumulated after micro-batch 1 and 2 of the first step against the
+            reference's (bound 1e-5): tells a gradient-accumulation or reduction fault apart from a different start
   stage     ZeRO-0/1/2/3 and ZeRO-3 with optimizer offload against the single-process reference (no DeepSpeed)
             on the same device: relative difference of the final adapter weights, for sgd, riemannian_sgd
-            without and with clipping (bound 1e-5), riemannian_adamw (bound: 4x what two correct runs differ
-            by, the reference against itself summing in reverse order; shown at lr/10 too)
+            without and with clipping, riemannian_adamw at eps 1e-5 (bound 1e-5 for all; AdamW also shown against
+            the reference summed in reverse order and at lr/10)
   step1     for a stage over its bound: the same after one step, per kind of tensor (routers apart), the worst
             tensors, and the gradient norm clipping uses, the engine's against the reference's
   bf16      ZeRO-3 in bf16 against the fp32 reference (the bound of tests/test_engine.py)
@@ -52,11 +57,19 @@ from harness import (  # noqa: E402
     relative_errors,
     run_config,
     save_tiny_model_dir,
-    stage_bound,
+    reference_micro_gradients,
+    reference_start,
     write_jsonl,
 )
 
 SGD_BOUND = 1e-5
+ADAMW_EPS = 1e-5
+"""AdamW's eps in the stage check: above the gradients' rounding noise, so an update cannot flip sign with the
+summation order and the comparison is as exact as SGD's (tests/test_engine.py DAMPED_ADAMW_EPS says why)."""
+OFFLOAD_ADAMW_BOUND = 1e-4
+"""AdamW under optimizer offload: DeepSpeed's CPU Adam (C++ SIMD) rounds each update differently from torch's."""
+GRAD_BOUND = 1e-5
+"""Accumulated micro-batch gradients against the reference's: one backward each, fp32 rounding only."""
 CASES = {  # name: (optimizer, lr, grad_clip)
     "sgd": ("sgd", 0.5, 0.0),
     "riemannian_sgd": ("riemannian_sgd", 0.2, 0.0),
@@ -99,11 +112,16 @@ class Check:
         print(f"{status:<4} {name:<9} {text}", flush=True)
 
     def config(self, case: str, stage: str, *, steps: Optional[int] = None, lr_scale: float = 1.0,
-               dtype: str = "float32", schedule: Optional[dict] = None, name: Optional[str] = None) -> dict:
+               dtype: str = "float32", schedule: Optional[dict] = None, name: Optional[str] = None,
+               damped: bool = True) -> dict:
+        """The tiny run of `case` at `stage`; AdamW at ADAMW_EPS unless `damped` is false (its default eps)."""
         optimizer, lr, clip = CASES[case]
         out = self.work / "runs" / (name or f"{case}-{stage}-{dtype}-lr{lr_scale:g}-s{steps or self.steps}")
+        settings = {"name": optimizer, "lr": lr * lr_scale}
+        if damped and optimizer.endswith("adamw"):
+            settings["eps"] = ADAMW_EPS
         config = run_config(self.model_dir, self.data, out, deepspeed=f"ds_configs/{stage}.json",
-                            optimizer={"name": optimizer, "lr": lr * lr_scale},
+                            optimizer=settings,
                             train={"max_steps": steps or self.steps, "grad_clip": clip, "save_every": 0,
                                    "log_every": 1, "output_dir": str(out)})
         config["model"]["dtype"] = dtype
@@ -169,6 +187,55 @@ def quiet(log: Path):
             os.close(saved[1])
 
 
+def start_and_gradient_checks(ctx: Check) -> None:
+    """Every stage's starting adapters (bitwise) and first-step micro-batch gradients against the reference's."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from moelora_ds.adapters.inject import adapter_parameters
+    from moelora_ds.engine import Trainer
+    from moelora_ds.lm_loss import causal_lm_loss
+
+    case = "riemannian_adamw"
+    with quiet(ctx.log):
+        start = reference_start(ctx.config(case, "zero0"), ctx.device)
+        reference_grads = reference_micro_gradients(ctx.config(case, "zero0"), ctx.device)
+    differing: dict[str, list[str]] = {}
+    grad_errors: dict[str, list[float]] = {}
+    for stage in ctx.stages:
+        with quiet(ctx.log):
+            trainer = Trainer(load_config_from_dict(ctx.config(case, stage, name=f"start-{stage}")))
+            engine, params = trainer.engine, adapter_parameters(trainer.engine.module)
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                engine_start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+            batch_iter = iter(trainer.batches)
+            engine.train()
+            errors = []
+            for micro, want in enumerate(reference_grads):
+                engine.backward(causal_lm_loss(engine, next(batch_iter), trainer.device))
+                got = {n: safe_get_full_grad(p) for n, p in params.items()}
+                got = {n: (torch.zeros_like(want[n]) if g is None else g.detach().float().cpu()) for n, g in got.items()}
+                errors.append(global_relative_error(got, want))
+                if micro < len(reference_grads) - 1:
+                    engine.step()
+            engine.destroy()
+        differing[stage] = [n for n in start if not torch.equal(engine_start[n], start[n])]
+        grad_errors[stage] = errors
+    bad = {stage: names for stage, names in differing.items() if names}
+    if bad:
+        ctx.say("FAIL", "start", "starting adapters differ from the reference's: " + "; ".join(
+            f"{stage}: {len(names)} of {len(start)} tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for stage, names in bad.items()))
+    else:
+        ctx.say("PASS", "start", f"{' '.join(ctx.stages)} start from bitwise the reference's adapters "
+                f"({len(start)} tensors, {case})")
+    worst = max(max(errors) for errors in grad_errors.values())
+    ctx.say("PASS" if worst <= GRAD_BOUND else "FAIL", "grads", "accumulated gradient after micro-batch 1, 2 of "
+            "step 1 vs the reference, rel. diff.: " + "; ".join(
+                f"{stage} {' '.join(f'{e:.1e}' for e in errors)}" for stage, errors in grad_errors.items())
+            + f" (bound {GRAD_BOUND:.0e})")
+
+
 def stage_checks(ctx: Check) -> dict:
     """Every case at every stage against the reference; returns the trained ZeRO-3 runs by case."""
     zero3 = {}
@@ -180,9 +247,9 @@ def stage_checks(ctx: Check) -> dict:
             rounding = global_relative_error(ctx.reference(ctx.config(case, "zero0"), reverse_order=True).adapters,
                                              reference.adapters)
             small_lr_reference = ctx.reference(ctx.config(case, "zero0", lr_scale=0.1))
-        bound = stage_bound(SGD_BOUND, rounding) if adamw else SGD_BOUND
         for stage in ctx.stages:
             name = f"{case} {stage}"
+            bound = OFFLOAD_ADAMW_BOUND if adamw and stage.endswith("offload") else SGD_BOUND
             try:
                 trained = ctx.train(ctx.config(case, stage))
             except Exception as error:  # noqa: BLE001
@@ -227,11 +294,11 @@ def bf16_checks(ctx: Check) -> None:
     """As tests/test_engine.py's bf16 test: 10 steps (also under --smoke: the bound needs the runs to move apart)."""
     constant = {"name": "constant", "warmup_steps": 0}
     for case, (plain, lr) in BF16_CASES.items():
-        reference = ctx.reference(ctx.config(case, "zero3", steps=10, schedule=constant))
-        plain_config = ctx.config(case, "zero3", steps=10, schedule=constant)
+        reference = ctx.reference(ctx.config(case, "zero3", steps=10, schedule=constant, damped=False))
+        plain_config = ctx.config(case, "zero3", steps=10, schedule=constant, damped=False)
         plain_config["optimizer"] = {**plain_config["optimizer"], "name": plain, "lr": lr}
         gap = global_relative_error(ctx.reference(plain_config).adapters, reference.adapters)
-        trained = ctx.train(ctx.config(case, "zero3", steps=10, dtype="bfloat16", schedule=constant))
+        trained = ctx.train(ctx.config(case, "zero3", steps=10, dtype="bfloat16", schedule=constant, damped=False))
         error = global_relative_error(trained.adapters, reference.adapters)
         bound = bf16_bound(gap)
         ctx.say("PASS" if error < bound else "FAIL", "bf16", f"{case} zero3 bf16 vs fp32 reference: rel. diff. "
@@ -375,6 +442,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = Check(args)
     header(ctx)
     zero3: dict = {}
+    ctx.run("start", lambda: start_and_gradient_checks(ctx))
     ctx.run("stage", lambda: zero3.update(stage_checks(ctx)))
     ctx.run("device", lambda: device_checks(ctx))
     ctx.run("bf16", lambda: bf16_checks(ctx))

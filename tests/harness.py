@@ -129,18 +129,14 @@ class Reference:
     """Global norm of every step's gradient, what clipping (train.grad_clip) compares."""
 
 
-def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_order: bool = False,
-                  plain: bool = False) -> Reference:
-    """The same run in one process, without DeepSpeed: the global batch of every step is the union of the ranks'
-    micro-batches. `reverse_order` takes the micro-batches, and the rows of each, in reverse order: the same
-    sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
-    run's own (build_optimizer), or with `plain` the method written out (PlainAdamW)."""
-    from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
+def reference_model(config: dict, world_size: int, device: str = "cpu"):
+    """The reference's parsed config, its model (the base in fp32 with the run's adapters, on `device`) and the
+    ranks' batch iterators, as a run of `world_size` ranks would draw them."""
+    from moelora_ds.adapters.inject import inject_moelora
     from moelora_ds.data.batches import ShardedBatches
     from moelora_ds.data.records import load_records, tokenize_as_configured
     from moelora_ds.engine import seed_everything
     from moelora_ds.model_loading import load_base_model, load_tokenizer
-    from moelora_ds.optim_factory import build_optimizer, lr_multiplier
 
     cfg = load_config_from_dict(config)
     tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
@@ -152,8 +148,46 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
               for r in range(world_size)]
     model = load_base_model(Path(cfg.model.name_or_path), "float32")
     seed_everything(cfg.train.seed)
-    inject_moelora(model, cfg.moelora)
-    model.to(device)
+    inject_moelora(model, cfg.moelora, seed=cfg.train.seed)
+    return cfg, model.to(device), shards
+
+
+def reference_start(config: dict, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The adapters the reference starts from (fp32, on the CPU), by parameter name."""
+    from moelora_ds.adapters.inject import adapter_parameters
+
+    _, model, _ = reference_model(config, 1, device)
+    return {name: p.detach().float().cpu().clone() for name, p in adapter_parameters(model).items()}
+
+
+def reference_micro_gradients(config: dict, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """The gradient the reference (1 rank) has accumulated after each micro-batch of its first step (the run's
+    preconditioning applied, each micro-batch's loss divided by grad_accum as DeepSpeed does), fp32 on the CPU."""
+    from moelora_ds.adapters.inject import adapter_parameters
+    from moelora_ds.optim_factory import build_optimizer
+
+    cfg, model, (shard,) = reference_model(config, 1, device)
+    build_optimizer(model, cfg.optimizer, offload=False)  # sets the layers' preconditioning
+    model.train()
+    accumulated = []
+    for _ in range(cfg.train.grad_accum):
+        batch = next(shard)
+        (model(**{k: v.to(device) for k, v in batch.items()}).loss / cfg.train.grad_accum).backward()
+        accumulated.append({name: p.grad.detach().float().cpu().clone()
+                            for name, p in adapter_parameters(model).items()})
+    return accumulated
+
+
+def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_order: bool = False,
+                  plain: bool = False) -> Reference:
+    """The same run in one process, without DeepSpeed: the global batch of every step is the union of the ranks'
+    micro-batches. `reverse_order` takes the micro-batches, and the rows of each, in reverse order: the same
+    sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
+    run's own (build_optimizer), or with `plain` the method written out (PlainAdamW)."""
+    from moelora_ds.adapters.inject import adapter_parameters
+    from moelora_ds.optim_factory import build_optimizer, lr_multiplier
+
+    cfg, model, shards = reference_model(config, world_size, device)
     if plain:
         plain_step = PlainAdamW(model, cfg)
     else:
@@ -233,17 +267,6 @@ class PlainAdamW:
                 update = m / (v.sqrt() + opt.eps)
             p -= (lr * update).to(p.dtype)
             p.grad = None
-
-
-ROUNDING_FACTOR = 4
-"""How many times the reference's own rounding (against itself summed in reverse order) a correct run may differ by:
-Adam's first steps act like sign(g) and amplify rounding, more on some CPUs' kernels than others'."""
-
-
-def stage_bound(floor: float, rounding: float) -> float:
-    """How far a ZeRO stage's final adapters may be from the reference's: `floor`, or more where the reference's
-    own rounding (`rounding`, its distance to itself summed in reverse order) is larger."""
-    return max(floor, ROUNDING_FACTOR * rounding)
 
 
 def bf16_bound(gap: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterator
 
@@ -42,17 +43,25 @@ def find_target_linears(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     return chosen
 
 
-def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
+def layer_init_seed(seed: int, path: str) -> int:
+    """The seed of one layer's adapter initialisation: from the run's seed and the layer's path only, so adding or
+    removing a layer leaves every other layer's starting adapters as they were."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:7], "little")
+
+
+def inject_moelora(model: nn.Module, config: MoELoRAConfig, seed: int = 0) -> nn.Module:
     """Replace every targeted nn.Linear by a MoELoRALinear in place, freeze everything else, return the model.
 
-    Works on ZeRO-3 partitioned models too: shapes come from `ds_shape`, the base Parameters are reused.
+    The starting adapters depend on `seed` and each layer's path alone (`layer_init_seed`), not on the device,
+    dtype or ZeRO partitioning of the base. Works on ZeRO-3 partitioned models too: shapes come from `ds_shape`,
+    the base Parameters are reused.
     """
     for param in model.parameters():
         param.requires_grad_(False)
     for path in find_target_linears(model, config):
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, MoELoRALinear(getattr(parent, child), config))
+        setattr(parent, child, MoELoRALinear(getattr(parent, child), config, init_seed=layer_init_seed(seed, path)))
     model.moelora_config = config
     return model
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.preconditioner import precondition_factors
@@ -103,9 +104,10 @@ class MoELoRALinear(nn.Module):
 
     Takes over the base linear's own `weight` and `bias` Parameters (frozen), so the base model's
     parameter names are unchanged; adds `lora_A` (E, r, in), `lora_B` (E, out, r), `router.weight` (E, in).
+    `init_seed` alone decides their starting values (`reset_adapter_parameters`).
     """
 
-    def __init__(self, base: nn.Linear, config: MoELoRAConfig) -> None:
+    def __init__(self, base: nn.Linear, config: MoELoRAConfig, init_seed: int = 0) -> None:
         super().__init__()
         self.out_features, self.in_features = full_shape(base.weight)
         self.num_experts, self.rank = config.num_experts, config.rank
@@ -128,20 +130,23 @@ class MoELoRALinear(nn.Module):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.num_experts, self.out_features, self.rank, **factory))
-        self.router = nn.Linear(self.in_features, self.num_experts, bias=False, **factory)
+        self.router = skip_init(nn.Linear, self.in_features, self.num_experts, bias=False, **factory)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.dropout_per_expert = config.dropout_per_expert
-        self.reset_adapter_parameters()
+        self.reset_adapter_parameters(init_seed)
 
     @torch.no_grad()
-    def reset_adapter_parameters(self) -> None:
+    def reset_adapter_parameters(self, init_seed: int) -> None:
         """Every A_e drawn independently (Kaiming-uniform as in LoRA), B = 0, router as nn.Linear.
 
-        Drawn in fp32 and then cast, so a seed gives the same adapters in every dtype (bf16 consumes the
-        random stream differently)."""
+        Drawn in fp32 by a CPU generator seeded with `init_seed`, then moved to the base's device and dtype: the
+        same starting adapters on every device, dtype, ZeRO stage and rank, and no draw from the global streams
+        (dropout's)."""
+        generator = torch.Generator(device="cpu").manual_seed(init_seed)
         bound = 1.0 / math.sqrt(self.in_features)
         for param in (self.lora_A, self.router.weight):
-            param.copy_(torch.empty(param.shape, device=param.device, dtype=torch.float32).uniform_(-bound, bound))
+            drawn = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            param.copy_(drawn)
         self.lora_B.zero_()
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
