@@ -28,7 +28,7 @@ from peft_lora_train import add_trainable_scalar  # noqa: E402
 from step_profile import quiz_batch, random_batch  # noqa: E402
 
 from moelora_ds.config import load_config  # noqa: E402
-from moelora_ds.lm_loss import causal_lm_loss  # noqa: E402
+from moelora_ds.training.loss import causal_lm_loss  # noqa: E402
 
 from bench_utils import (  # noqa: E402
     BENCH_DIR,

@@ -147,7 +147,7 @@ def main() -> None:
             model_dir, model_name = tiny_model_dir(Path(scratch)), TINY_LLAMA_NAME
         else:
             from moelora_ds.config import ModelConfig
-            from moelora_ds.model_loading import local_model_dir
+            from moelora_ds.models.loading import local_model_dir
 
             model_dir = local_model_dir(ModelConfig())
             model_name = f"SmolLM2-135M-Instruct (de-quantised Q4_1, {model_dir.name})"

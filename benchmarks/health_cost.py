@@ -37,9 +37,9 @@ from step_profile import quiz_batch, random_batch  # noqa: E402
 from moelora_ds.adapters.inject import inject_moelora, moelora_layers, router_aux_loss  # noqa: E402
 from moelora_ds.adapters.optimizer import create_riemannian_optimizer  # noqa: E402
 from moelora_ds.config import load_config  # noqa: E402
-from moelora_ds.expert_health import ExpertHealth  # noqa: E402
-from moelora_ds.lm_loss import causal_lm_loss  # noqa: E402
-from moelora_ds.metrics import MetricsLogger  # noqa: E402
+from moelora_ds.telemetry.expert_health import ExpertHealth  # noqa: E402
+from moelora_ds.telemetry.metrics import MetricsLogger  # noqa: E402
+from moelora_ds.training.loss import causal_lm_loss  # noqa: E402
 
 from bench_utils import (  # noqa: E402
     BENCH_DIR,

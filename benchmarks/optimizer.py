@@ -59,7 +59,7 @@ def load_model(dtype: str, smoke: bool):
         model.config.use_cache = False
         return model, TINY_LLAMA_NAME
     from moelora_ds.config import ModelConfig
-    from moelora_ds.model_loading import load_base_model, local_model_dir
+    from moelora_ds.models.loading import load_base_model, local_model_dir
 
     model_dir = local_model_dir(ModelConfig())
     model = load_base_model(model_dir, {"fp32": "float32", "bf16": "bfloat16"}[dtype])

@@ -11,7 +11,7 @@ build time), tokenization, sharded batches, learning-rate schedule. Only the tra
   frozen  no adapters: one trainable scalar multiplies the input embeddings' output, so backward runs
           the input-gradient pass through every frozen layer and nothing else (plain SGD on the scalar)
 Writes OUTPUT_DIR/metrics.jsonl (rank 0): {"step", "loss", "lr", "tokens_per_s"} per step, tokens_per_s
-measured as in moelora_ds/engine.py (non-padding tokens of all ranks / wall time of the step), with one
+measured as in moelora_ds/training/trainer.py (non-padding tokens of all ranks / wall time of the step), with one
 host read per step as there. No
 checkpoints, no evaluation.
 """
@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     from moelora_ds.data.batches import ShardedBatches
     from moelora_ds.data.records import load_records, tokenize_as_configured
     from moelora_ds.distributed.process_group import all_sum, init_distributed
-    from moelora_ds.ds_config import build_deepspeed_config
-    from moelora_ds.engine import seed_everything
-    from moelora_ds.lm_loss import causal_lm_loss
-    from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
-    from moelora_ds.optim_factory import scheduler_factory
-    from moelora_ds.precision import resolve_dtype
+    from moelora_ds.models.loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
+    from moelora_ds.training.deepspeed_config import build_deepspeed_config
+    from moelora_ds.training.loss import causal_lm_loss
+    from moelora_ds.training.precision import resolve_dtype
+    from moelora_ds.training.schedule import scheduler_factory
+    from moelora_ds.training.trainer import seed_everything
 
     config = load_config(args.config, overrides)
     train = config.train

@@ -146,8 +146,8 @@ def read_result(cell_dir: Path) -> Optional[dict]:
 def result_from_metrics(cell: Cell, cell_dir: Path, returncode: int, wall_s: float) -> dict:
     """The cell's result record from its metrics.jsonl: final accuracy, eval loss, last training loss, skips, and the
     last evaluation and training records whole (whatever else the trainer logs there, routing statistics say)."""
-    from moelora_ds.expert_health import SUMMARY_KEYS
-    from moelora_ds.metrics import read_metrics
+    from moelora_ds.telemetry.expert_health import SUMMARY_KEYS
+    from moelora_ds.telemetry.metrics import read_metrics
 
     records = read_metrics(cell_dir)
     evals = [r for r in records if "accuracy" in r]

@@ -194,7 +194,7 @@ def per_seed_table(results: list[dict], chance: float) -> str:
 
 def accuracy_by_step_table(out_dir: Path) -> str:
     """Accuracy (%) at every evaluation during training, one row per cell (cells run with train.eval_every > 0)."""
-    from moelora_ds.metrics import read_metrics
+    from moelora_ds.telemetry.metrics import read_metrics
 
     rows, steps = [], set()
     for result_path in sorted(out_dir.glob(f"*/{RESULT_FILE}")):

@@ -35,7 +35,7 @@ from peft_lora_train import add_peft_lora, add_trainable_scalar  # noqa: E402
 from moelora_ds.adapters.inject import inject_moelora, router_aux_loss  # noqa: E402
 from moelora_ds.adapters.optimizer import create_riemannian_optimizer  # noqa: E402
 from moelora_ds.config import load_config  # noqa: E402
-from moelora_ds.lm_loss import causal_lm_loss  # noqa: E402
+from moelora_ds.training.loss import causal_lm_loss  # noqa: E402
 
 from bench_utils import (  # noqa: E402
     BENCH_DIR,
@@ -60,7 +60,7 @@ def quiz_batch(config, micro_batch_size: int) -> dict[str, torch.Tensor]:
     """The first micro-batch rank 0 of a 2-rank run trains on (real tokens, padding and labels)."""
     from moelora_ds.data.batches import ShardedBatches
     from moelora_ds.data.records import load_records, tokenize_as_configured
-    from moelora_ds.model_loading import load_tokenizer, local_model_dir
+    from moelora_ds.models.loading import load_tokenizer, local_model_dir
 
     tokenizer = load_tokenizer(local_model_dir(config.model))
     records, fmt = load_records(str(REPO_ROOT / config.data.train_path), config.data.format)

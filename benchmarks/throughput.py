@@ -13,7 +13,7 @@ of every nn.Linear, lm_head included) + attention 4*L*S*d (S: mean non-padding t
 input-gradient backward the same matmuls again (attention twice); adapters 3x their forward (forward,
 input gradient, weight gradient; MoE-LoRA computes all E experts and the router densely). Utilisation:
 achieved model FLOP/s over the machine's bf16 matmul peak, measured here with a torch.matmul loop on all
-cores. All three runs compute the loss the same way (moelora_ds.lm_loss: the output head only at positions
+cores. All three runs compute the loss the same way (moelora_ds.training.loss: the output head only at positions
 that predict a labelled token), so the lm_head FLOPs counted at every token overstate the work actually done.
 
 Run:  python benchmarks/throughput.py               (writes the `throughput` section of benchmarks/RESULTS.md)
@@ -146,7 +146,7 @@ def model_shape(config_path: Path, overrides: list[str]) -> tuple[ModelShape, ob
 
     from moelora_ds.adapters.inject import find_target_linears
     from moelora_ds.config import load_config
-    from moelora_ds.preflight import base_model_config
+    from moelora_ds.training.preflight import base_model_config
 
     config = load_config(config_path, overrides)
     model_config = base_model_config(config)
@@ -321,7 +321,7 @@ def report(args, runs: list[Run], shape: ModelShape, run_config, peak: float, lo
 def mean_tokens_per_sample(run_config) -> float:
     """Mean tokens per training sample (after truncation), what the attention FLOPs depend on."""
     from moelora_ds.data.records import load_records, tokenize_as_configured
-    from moelora_ds.model_loading import load_tokenizer, local_model_dir
+    from moelora_ds.models.loading import load_tokenizer, local_model_dir
 
     data = run_config.data
     tokenizer = load_tokenizer(local_model_dir(run_config.model))

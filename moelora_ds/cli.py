@@ -11,7 +11,7 @@ from typing import NoReturn
 from moelora_ds.config import ConfigError, RunConfig, load_config
 from moelora_ds.distributed.process_group import end_rank_process, say, wait_for_every_rank_to_report
 from moelora_ds.distributed.rendezvous import LaunchEnvironmentError, rendezvous_from_env
-from moelora_ds.precision import resolve_dtype
+from moelora_ds.training.precision import resolve_dtype
 
 
 def _run_config(path: str | None, overrides: list[str]) -> RunConfig:
@@ -43,7 +43,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args, overrides = _train_parser().parse_known_args(argv)
     try:
         config = _run_config(args.config, overrides)
-        from moelora_ds.preflight import preflight
+        from moelora_ds.training.preflight import preflight
 
         preflight(config)
     except ConfigError as error:
@@ -52,8 +52,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     from moelora_ds.checkpoints.locate import CheckpointError
     from moelora_ds.data.records import DataError
-    from moelora_ds.engine import train
-    from moelora_ds.nonfinite import NonFiniteError
+    from moelora_ds.training.nonfinite import NonFiniteError
+    from moelora_ds.training.trainer import train
 
     try:
         return train(config)
@@ -136,8 +136,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     from moelora_ds.checkpoints.locate import CheckpointError
     from moelora_ds.distributed.process_group import init_distributed, local_rank
-    from moelora_ds.eval_models import load_for_eval
-    from moelora_ds.evaluate import evaluate_run
+    from moelora_ds.evaluation.evaluate import evaluate_run
+    from moelora_ds.evaluation.models import load_for_eval
 
     rank, world_size = init_distributed()
     try:
@@ -163,7 +163,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def _routing_report(out: str, config, model, tokenizer, what: str, rank: int, world_size: int) -> None:
     """`moelora-eval --routing-report OUT`: every rank routes its share; rank 0 writes OUT.json and OUT.png."""
-    from moelora_ds.routing_report import ALL, routing_report
+    from moelora_ds.telemetry.routing_report import ALL, routing_report
 
     report = routing_report(model, config.data, tokenizer, dead_share=config.health.dead_share, rank=rank,
                             world_size=world_size, micro_batch_size=config.train.micro_batch_size)

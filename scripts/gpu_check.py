@@ -3,7 +3,7 @@
     bash scripts/gpu_check.sh [--smoke]     (installs the wheels of .gpu/ where deepspeed is missing, then runs this)
 
 Prints one line per check (PASS, FAIL, SKIP; INFO for diagnostics) and exits 1 if a check failed. Every
-training run is the real Trainer (moelora_ds.engine) in this process at world size 1, fp32 unless said, on
+training run is the real Trainer (moelora_ds.training.trainer) in this process at world size 1, fp32 unless said, on
 the tiny run of tests/harness.py (2-layer Llama, E=4 r=4 top-2 sqrt on q/k/v/o, grad accumulation 2):
   start     the adapters every stage's engine starts from (after deepspeed.initialize, before any step) against the
             reference's, bitwise: one line naming the stages and tensors that start elsewhere (a device-dependent
@@ -16,7 +16,7 @@ the tiny run of tests/harness.py (2-layer Llama, E=4 r=4 top-2 sqrt on q/k/v/o, 
             the reference summed in reverse order and at lr/10)
   step1     for a stage over its bound: the same after one step, per kind of tensor (routers apart), the worst
             tensors, and the gradient norm clipping uses, the engine's against the reference's
-  bf16      ZeRO-3 in bf16 against the fp32 reference (the bound of tests/test_engine.py)
+  bf16      ZeRO-3 in bf16 against the fp32 reference (the bound of tests/training/test_trainer.py)
   export    a trained ZeRO-3 checkpoint exported merged and loaded by plain transformers (moelora_ds not
             importable) against the adapter export loaded with moelora_ds.load_adapter: logits on the device
   launcher  one run through `deepspeed --num_gpus 1 launcher/train.py` against the same run in this process,
@@ -49,23 +49,24 @@ import torch  # noqa: E402
 from harness import (  # noqa: E402
     bf16_bound,
     checkpoint_adapters,
+    free_port,
     global_relative_error,
     load_config_from_dict,
     load_in_plain_transformers,
     multiple_choice_records,
+    reference_micro_gradients,
     reference_run,
+    reference_start,
     relative_errors,
     run_config,
     save_tiny_model_dir,
-    reference_micro_gradients,
-    reference_start,
     write_jsonl,
 )
 
 SGD_BOUND = 1e-5
 ADAMW_EPS = 1e-5
 """AdamW's eps in the stage check: above the gradients' rounding noise, so an update cannot flip sign with the
-summation order and the comparison is as exact as SGD's (tests/test_engine.py DAMPED_ADAMW_EPS says why)."""
+summation order and the comparison is as exact as SGD's (tests/training/test_trainer.py DAMPED_ADAMW_EPS says why)."""
 OFFLOAD_ADAMW_BOUND = 1e-4
 """AdamW under optimizer offload: DeepSpeed's CPU Adam (C++ SIMD) rounds each update differently from torch's."""
 GRAD_BOUND = 1e-5
@@ -135,8 +136,8 @@ class Check:
 
     def train(self, config: dict) -> Trained:
         """`config` trained by the Trainer in this process; its final checkpoint's adapters."""
-        from moelora_ds.engine import Trainer
-        from moelora_ds.metrics import read_metrics
+        from moelora_ds.telemetry.metrics import read_metrics
+        from moelora_ds.training.trainer import Trainer
 
         output_dir = Path(config["train"]["output_dir"])
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -193,8 +194,8 @@ def start_and_gradient_checks(ctx: Check) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from moelora_ds.adapters.inject import adapter_parameters
-    from moelora_ds.engine import Trainer
-    from moelora_ds.lm_loss import causal_lm_loss
+    from moelora_ds.training.loss import causal_lm_loss
+    from moelora_ds.training.trainer import Trainer
 
     case = "riemannian_adamw"
     with quiet(ctx.log):
@@ -214,7 +215,8 @@ def start_and_gradient_checks(ctx: Check) -> None:
             for micro, want in enumerate(reference_grads):
                 engine.backward(causal_lm_loss(engine, next(batch_iter), trainer.device))
                 got = {n: safe_get_full_grad(p) for n, p in params.items()}
-                got = {n: (torch.zeros_like(want[n]) if g is None else g.detach().float().cpu()) for n, g in got.items()}
+                got = {n: (torch.zeros_like(want[n]) if g is None else g.detach().float().cpu())
+                       for n, g in got.items()}
                 errors.append(global_relative_error(got, want))
                 if micro < len(reference_grads) - 1:
                     engine.step()
@@ -291,7 +293,8 @@ def first_step(ctx: Check, case: str, stage: str) -> None:
 
 
 def bf16_checks(ctx: Check) -> None:
-    """As tests/test_engine.py's bf16 test: 10 steps (also under --smoke: the bound needs the runs to move apart)."""
+    """As tests/training/test_trainer.py's bf16 test: 10 steps (also under --smoke: the bound needs the runs to move
+    apart)."""
     constant = {"name": "constant", "warmup_steps": 0}
     for case, (plain, lr) in BF16_CASES.items():
         reference = ctx.reference(ctx.config(case, "zero3", steps=10, schedule=constant, damped=False))
@@ -358,18 +361,10 @@ def launcher_check(ctx: Check, in_process: Trained) -> None:
             f"{'yes' if guessing else 'no'}")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def device_checks(ctx: Check) -> None:
     import torch.distributed as dist
 
-    from moelora_ds.nonfinite import nonfinite_flags
+    from moelora_ds.training.nonfinite import nonfinite_flags
 
     bound = dist.distributed_c10d._get_default_group().bound_device_id
     expected = ctx.device != "cpu"
@@ -389,7 +384,7 @@ def device_checks(ctx: Check) -> None:
 
 def host_reads_check(ctx: Check) -> None:
     """Host reads per training step of the ZeRO-3 AdamW run, by library (steps 2 and 3)."""
-    from moelora_ds.engine import Trainer
+    from moelora_ds.training.trainer import Trainer
 
     from host_syncs import reads_per_step
 

@@ -58,7 +58,7 @@ case ${1:-} in
     model=("--model.name_or_path=$stage_dir" "--model.gguf_file=$name")
     mkdir -p data/wordnet "$out"
     for f in .gpu/data/*.jsonl; do [ -f "data/wordnet/$(basename "$f")" ] || cp "$f" data/wordnet/; done
-    "$PY" -c "import sys; from moelora_ds.config import ModelConfig; from moelora_ds.model_loading import local_model_dir
+    "$PY" -c "import sys; from moelora_ds.config import ModelConfig; from moelora_ds.models.loading import local_model_dir
 print('[gpu_sweep] model:', local_model_dir(ModelConfig(name_or_path=sys.argv[1], gguf_file=sys.argv[2])))" \
       "$stage_dir" "$name" || exit 2
     marker=$(mktemp)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moelora_ds.precision import resolve_dtype  # noqa: E402
+from moelora_ds.training.precision import resolve_dtype  # noqa: E402
 
 REFERENCE = {"machine": "AMD EPYC with AVX512-BF16 (bf16)", "cores": 2, "gflops": 497.0, "setup_s": 210.0,
              "compute_s": 575.0}

@@ -1,7 +1,7 @@
 """Evaluation under a ZeRO-3 DeepSpeed engine: `deepspeed --num_gpus 2 tests/evaluate_zero3_probe.py OUT_DIR`.
 
 Each rank writes OUT_DIR/rank<R>.json with the accuracy and loss it got (through the engine and through
-engine.module) and how many forward passes it ran; test_evaluate.py compares them with one process.
+engine.module) and how many forward passes it ran; tests/evaluation/test_evaluate.py compares them with one process.
 (Files, not stdout: the launcher interleaves the ranks' output.)
 """
 
@@ -17,7 +17,7 @@ import torch.distributed as dist  # noqa: E402
 
 from moelora_ds.data.tokenization import tokenize_records  # noqa: E402
 from moelora_ds.distributed.process_group import end_rank_process  # noqa: E402
-from moelora_ds.evaluate import eval_batches, evaluate_loss, multiple_choice_accuracy  # noqa: E402
+from moelora_ds.evaluation.evaluate import eval_batches, evaluate_loss, multiple_choice_accuracy  # noqa: E402
 
 from conftest import build_tiny_model, build_tokenizer, multiple_choice_records  # noqa: E402
 

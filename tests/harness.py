@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import socket
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +137,8 @@ def reference_model(config: dict, world_size: int, device: str = "cpu"):
     from moelora_ds.adapters.inject import inject_moelora
     from moelora_ds.data.batches import ShardedBatches
     from moelora_ds.data.records import load_records, tokenize_as_configured
-    from moelora_ds.engine import seed_everything
-    from moelora_ds.model_loading import load_base_model, load_tokenizer
+    from moelora_ds.models.loading import load_base_model, load_tokenizer
+    from moelora_ds.training.trainer import seed_everything
 
     cfg = load_config_from_dict(config)
     tokenizer = load_tokenizer(Path(cfg.model.name_or_path))
@@ -164,7 +166,7 @@ def reference_micro_gradients(config: dict, device: str = "cpu") -> list[dict[st
     """The gradient the reference (1 rank) has accumulated after each micro-batch of its first step (the run's
     preconditioning applied, each micro-batch's loss divided by grad_accum as DeepSpeed does), fp32 on the CPU."""
     from moelora_ds.adapters.inject import adapter_parameters
-    from moelora_ds.optim_factory import build_optimizer
+    from moelora_ds.training.optimizers import build_optimizer
 
     cfg, model, (shard,) = reference_model(config, 1, device)
     build_optimizer(model, cfg.optimizer, offload=False)  # sets the layers' preconditioning
@@ -185,7 +187,8 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
     sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
     run's own (build_optimizer), or with `plain` the method written out (PlainAdamW)."""
     from moelora_ds.adapters.inject import adapter_parameters
-    from moelora_ds.optim_factory import build_optimizer, lr_multiplier
+    from moelora_ds.training.optimizers import build_optimizer
+    from moelora_ds.training.schedule import lr_multiplier
 
     cfg, model, shards = reference_model(config, world_size, device)
     if plain:
@@ -350,3 +353,24 @@ def load_in_plain_transformers(model_dir: Path, input_ids: torch.Tensor, workdir
     if result.returncode != 0:
         raise RuntimeError(f"loading {model_dir} in plain transformers failed:\n{result.stderr[-4000:]}")
     return torch.load(workdir / "loaded.pt")
+
+
+def launch(config: dict, workdir: Path, env: dict, *extra: str, world_size: int = 2,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N launcher/train.py --config FILE [overrides]`, as a user starts it."""
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(free_port()),
+               str(REPO / "launcher" / "train.py"), "--config", str(path), *extra]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a launcher's --master_port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

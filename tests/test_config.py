@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moelora_ds.config import ConfigError, advisories, load_config, parse_overrides
-from moelora_ds.ds_config import build_deepspeed_config
+from moelora_ds.training.deepspeed_config import build_deepspeed_config
 
 from conftest import REPO
 
@@ -61,7 +61,7 @@ def test_invalid_values_are_rejected(override, message):
 def test_paper_preset_is_the_papers_recipe():
     """launcher/configs/paper.yaml: THUDM/MoELoRA_Riemannian's train_llama.py settings (docs/METHOD.md section 4)."""
     from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
-    from moelora_ds.optim_factory import optimizer_class
+    from moelora_ds.training.optimizers import optimizer_class
 
     config = load_config(REPO / "launcher" / "configs" / "paper.yaml")
     m, opt, sched = config.moelora, config.optimizer, config.scheduler

@@ -22,7 +22,8 @@ def test_gpu_check_smoke(tmp_path, subprocess_env):
     checks = Counter(tuple(line.split()[:2]) for line in lines if line.split()[0] in ("PASS", "FAIL", "SKIP"))
     # the start and micro-batch gradients of stages 0 and 3; 4 optimizer cases x stages 0 and 3; device binding,
     # 2 finiteness dtypes, 2 steps of host reads
-    assert checks == {("PASS", "start"): 1, ("PASS", "grads"): 1, ("PASS", "stage"): 8, ("PASS", "device"): 5, ("PASS", "bf16"): 2, ("PASS", "export"): 1,
+    assert checks == {("PASS", "start"): 1, ("PASS", "grads"): 1, ("PASS", "stage"): 8, ("PASS", "device"): 5,
+                      ("PASS", "bf16"): 2, ("PASS", "export"): 1,
                       ("PASS", "launcher"): 1}, result.stdout
     assert lines[0].startswith("gpu_check on cpu:") and "smoke" in lines[0]
     assert lines[1].startswith("PASS start     zero0 zero3 start from bitwise the reference's adapters")

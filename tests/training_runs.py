@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from moelora_ds.metrics import read_metrics
+from moelora_ds.telemetry.metrics import read_metrics
 
 from conftest import REPO
 from slurm_cluster import free_ports

@@ -23,7 +23,7 @@ from moelora_ds.adapters.inject import find_target_linears
 from moelora_ds.adapters.io import ADAPTER_TENSORS, adapter_mismatches, expected_adapters
 from moelora_ds.checkpoints.locate import RUN_FILE, CheckpointError, read_run_info, resolve_checkpoint_dir
 from moelora_ds.checkpoints.safe_load import safe_load, vet_checkpoint_files
-from moelora_ds.model_loading import meta_model
+from moelora_ds.models.loading import meta_model
 
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
 

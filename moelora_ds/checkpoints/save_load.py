@@ -53,7 +53,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, run_info:
     Refuses (NonFiniteError on every rank, nothing written) when any rank's adapters or optimizer state
     hold a NaN or an infinity.
     """
-    from moelora_ds.nonfinite import check_finite_state
+    from moelora_ds.training.nonfinite import check_finite_state
 
     check_finite_state(engine, engine.device, f"refusing to save checkpoint {tag_for_step(step)}")
     tag = tag_for_step(step)

@@ -60,7 +60,7 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[dict[str
     attend to the earlier examples of its row; transformers (>= 4.53, checked with 5.24) builds a
     block-diagonal mask from restarting `position_ids` when the model is called *without* `attention_mask`
     and with `use_cache=False`, which is exact for these rows (padding is at the row end and carries label
-    -100), and lm_loss.model_inputs calls it so; flash-attention-2 does the same through its varlen path.
+    -100), and training/loss.model_inputs calls it so; flash-attention-2 does the same through its varlen path.
     """
     rows: list[dict[str, list[int]]] = []
     current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}

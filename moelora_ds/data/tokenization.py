@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from moelora_ds.data.collate import IGNORE_INDEX
-from moelora_ds.progress import progress
+from moelora_ds.telemetry.progress import progress
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 

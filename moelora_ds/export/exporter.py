@@ -30,7 +30,7 @@ from moelora_ds.export.safetensors_stream import (
     safetensors_files,
     tensor_bytes,
 )
-from moelora_ds.progress import progress
+from moelora_ds.telemetry.progress import progress
 
 REMOTE_CODE = Path(__file__).with_name("remote_code") / "modeling_moelora.py"
 AUTO_MAP = {"AutoConfig": "modeling_moelora.MoELoRAConfig",

@@ -84,4 +84,5 @@ def test_a_layer_start_depends_on_its_path_not_on_the_other_layers():
         torch.testing.assert_close(tensor, everything[name], rtol=0, atol=0)
     a = [t for n, t in everything.items() if n.endswith("lora_A")]
     assert not torch.equal(a[0], a[1]), "two layers drew the same A"
-    assert layer_init_seed(5, "model.layers.0.self_attn.q_proj") != layer_init_seed(5, "model.layers.1.self_attn.q_proj")
+    paths = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+    assert layer_init_seed(5, paths[0]) != layer_init_seed(5, paths[1])

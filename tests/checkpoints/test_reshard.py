@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_engine import launch, run_config
 
 from moelora_ds.checkpoints.reshard import convert_data_position
-from moelora_ds.metrics import read_metrics
+from moelora_ds.telemetry.metrics import read_metrics
+
+from harness import launch, run_config
 
 pytestmark = pytest.mark.distributed
 

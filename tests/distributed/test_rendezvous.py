@@ -189,7 +189,7 @@ def test_hostfile_command_outside_an_allocation(monkeypatch, capsys):
 
 
 def test_train_sbatch_requeues_on_the_engines_exit_status():
-    from moelora_ds.engine import EXIT_CHECKPOINTED_ON_SIGNAL
+    from moelora_ds.training.trainer import EXIT_CHECKPOINTED_ON_SIGNAL
 
     script = (REPO / "slurm" / "train.sbatch").read_text()
     assert f"\nEXIT_CHECKPOINTED_ON_SIGNAL={EXIT_CHECKPOINTED_ON_SIGNAL} " in script

@@ -14,7 +14,7 @@ from allreduce_probe import probe_reports
 from moelora_ds.checkpoints.locate import read_run_info
 from moelora_ds.distributed.rendezvous import SLURM_PORT_BASE
 from moelora_ds.distributed.slurm_nodelist import expand_nodelist
-from moelora_ds.metrics import read_metrics
+from moelora_ds.telemetry.metrics import read_metrics
 
 import training_runs
 from conftest import REPO

@@ -14,8 +14,8 @@ from moelora_ds.adapters.inject import inject_moelora, moelora_layers
 from moelora_ds.adapters.layer import MoELoRALinear, route
 from moelora_ds.adapters.routing_stats import RoutingStats, routing_summary, routing_sums
 from moelora_ds.config import HealthConfig
-from moelora_ds.expert_health import ALARM_ADVICE, CollapseAlarm, ExpertHealth, alarm_message, reduce_routing
-from moelora_ds.metrics import MetricsLogger, read_metrics
+from moelora_ds.telemetry.expert_health import ALARM_ADVICE, CollapseAlarm, ExpertHealth, alarm_message, reduce_routing
+from moelora_ds.telemetry.metrics import MetricsLogger, read_metrics
 
 from conftest import build_tiny_model
 

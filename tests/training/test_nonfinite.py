@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_engine import _free_port, checkpoint_adapters, launch, run_config
 
 from moelora_ds.checkpoints.locate import read_run_info
 from moelora_ds.config import SchedulerConfig
-from moelora_ds.metrics import read_metrics
-from moelora_ds.optim_factory import lr_multiplier
+from moelora_ds.telemetry.metrics import read_metrics
+from moelora_ds.training.schedule import lr_multiplier
 
 from conftest import REPO, multiple_choice_records, write_jsonl
+from harness import checkpoint_adapters, free_port, launch, run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -132,9 +132,9 @@ import sys, torch
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from moelora_ds.config import load_config
-from moelora_ds.engine import Trainer
+from moelora_ds.training.trainer import Trainer
 from moelora_ds.distributed.process_group import end_rank_process, say
-from moelora_ds.nonfinite import NonFiniteError
+from moelora_ds.training.nonfinite import NonFiniteError
 trainer = Trainer(load_config(sys.argv[-1]))
 if trainer.rank == 1:  # one rank's share of one adapter goes bad, as a silent overflow would leave it
     param = next(p for n, p in trainer.engine.module.named_parameters() if n.endswith("lora_B"))
@@ -151,7 +151,7 @@ def test_a_nonfinite_state_is_never_saved(tiny_model_dir, tiny_mc_data, tmp_path
     out = tmp_path / "out"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_model_dir, tiny_mc_data, out)))
     (tmp_path / "probe.py").write_text(SAVE_PROBE.format(repo=str(REPO)))
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                              str(tmp_path / "probe.py"), str(tmp_path / "config.yaml")],
                             env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from moelora_ds.config import ConfigError, ModelConfig
-from moelora_ds.precision import resolve_attention, resolve_dtype
+from moelora_ds.training.precision import resolve_attention, resolve_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -9,8 +9,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from moelora_ds.config import RunConfig
-from moelora_ds.model_loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
-from moelora_ds.precision import resolve_attention, resolve_dtype
+from moelora_ds.models.loading import DTYPES, load_base_model, load_tokenizer, local_model_dir
+from moelora_ds.training.precision import resolve_attention, resolve_dtype
 
 
 def _on_accelerator(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from moelora_ds.adapters.io import save_adapter
 from moelora_ds.config import DataConfig
 from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.export.exporter import export_merged
-from moelora_ds.routing_report import ALL, routing_report, routing_stats_of
+from moelora_ds.telemetry.routing_report import ALL, routing_report, routing_stats_of
 
 from conftest import build_tiny_model, write_jsonl
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine import checkpoint_adapters
 
 from moelora_ds.checkpoints.locate import LATEST, TMP_PREFIX
 
+from harness import checkpoint_adapters
 from slurm_cluster import free_ports
 from training_runs import TRAIN_SCRIPT, WORLD_SIZE, losses, rank_pids, tiny_run
 

@@ -1,7 +1,7 @@
 """optimizer.router_clip in one process: the routers' gradient clipped alone, as torch's clip_grad_norm_ on them would.
 
 Under ZeRO stages 1-3 (flat partitions, the norm summed over ranks) it is checked with real ranks in
-tests/test_engine.py (test_paper_recipe_matches_plain_reference).
+tests/training/test_trainer.py (test_paper_recipe_matches_plain_reference).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import adapter_parameters, inject_moelora, moelora_layers
 from moelora_ds.config import OptimizerConfig
-from moelora_ds.optim_factory import build_optimizer
+from moelora_ds.training.optimizers import build_optimizer
 
 from conftest import build_tiny_model
 

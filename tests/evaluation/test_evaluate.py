@@ -15,7 +15,13 @@ import torch
 
 from moelora_ds.config import DataConfig
 from moelora_ds.data.tokenization import tokenize_records
-from moelora_ds.evaluate import choice_token_ids, eval_batches, evaluate_loss, evaluate_run, multiple_choice_accuracy
+from moelora_ds.evaluation.evaluate import (
+    choice_token_ids,
+    eval_batches,
+    evaluate_loss,
+    evaluate_run,
+    multiple_choice_accuracy,
+)
 
 from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moelora_ds.engine import Trainer
-from moelora_ds.lm_loss import host_to_device
+from moelora_ds.training.loss import host_to_device
+from moelora_ds.training.trainer import Trainer
 
 from harness import load_config_from_dict, run_config
 from host_syncs import HostReads, reads_per_step

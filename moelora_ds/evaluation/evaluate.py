@@ -19,8 +19,8 @@ from moelora_ds.data.collate import IGNORE_INDEX, pad_batch
 from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.data.tokenization import render_chat
 from moelora_ds.distributed.process_group import all_sum
-from moelora_ds.lm_loss import logits_at, model_device, supervised_logits_and_targets
-from moelora_ds.progress import progress
+from moelora_ds.telemetry.progress import progress
+from moelora_ds.training.loss import logits_at, model_device, supervised_logits_and_targets
 
 
 class _EvalMode:

@@ -15,7 +15,7 @@ from torch import nn
 from moelora_ds.adapters.routing_stats import RoutingStats, attach_routing_stats, routing_summary
 from moelora_ds.config import HealthConfig
 from moelora_ds.distributed.process_group import all_sum_tensor
-from moelora_ds.metrics import METRICS_FILE, MetricsLogger
+from moelora_ds.telemetry.metrics import METRICS_FILE, MetricsLogger
 
 HEALTH_FILE = "expert_health.json"
 HEAT_MAP_FILE = "expert_health.png"

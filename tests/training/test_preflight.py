@@ -15,11 +15,12 @@ import time
 
 import pytest
 import yaml
-from test_engine import launch, run_config
 
 from moelora_ds.cli import train_main
 from moelora_ds.config import ConfigError, load_config
-from moelora_ds.preflight import check_target_modules, preflight
+from moelora_ds.training.preflight import check_target_modules, preflight
+
+from harness import launch, run_config
 
 DATA_LOADED = "[moelora-ds] "
 """What a rank prints once it has initialised the process group and read the data (only after pre-flight)."""

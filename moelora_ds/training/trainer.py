@@ -36,15 +36,16 @@ from moelora_ds.config import RunConfig, advisories, config_to_dict
 from moelora_ds.data.batches import ShardedBatches
 from moelora_ds.data.records import DataError, load_records, tokenize_as_configured
 from moelora_ds.distributed.process_group import all_sum, init_distributed, local_rank
-from moelora_ds.ds_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from moelora_ds.evaluate import evaluate_run
-from moelora_ds.expert_health import ExpertHealth
-from moelora_ds.lm_loss import causal_lm_loss, host_to_device
-from moelora_ds.metrics import MetricsLogger
-from moelora_ds.model_loading import load_base_model, load_tokenizer, local_model_dir
-from moelora_ds.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
-from moelora_ds.optim_factory import build_optimizer, scheduler_factory, undo_state_initialization_step
-from moelora_ds.preflight import resume_needs_universal, resume_point
+from moelora_ds.evaluation.evaluate import evaluate_run
+from moelora_ds.models.loading import load_base_model, load_tokenizer, local_model_dir
+from moelora_ds.telemetry.expert_health import ExpertHealth
+from moelora_ds.telemetry.metrics import MetricsLogger
+from moelora_ds.training.deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
+from moelora_ds.training.loss import causal_lm_loss, host_to_device
+from moelora_ds.training.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
+from moelora_ds.training.optimizers import build_optimizer, undo_state_initialization_step
+from moelora_ds.training.preflight import resume_needs_universal, resume_point
+from moelora_ds.training.schedule import scheduler_factory
 
 EXIT_CHECKPOINTED_ON_SIGNAL = 75
 """Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""

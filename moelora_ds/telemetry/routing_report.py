@@ -23,14 +23,14 @@ from moelora_ds.adapters.layer import route
 from moelora_ds.adapters.routing_stats import RoutingStats, attach_routing_stats, routing_summary
 from moelora_ds.data.collate import IGNORE_INDEX
 from moelora_ds.data.records import tokenize_as_configured
-from moelora_ds.evaluate import (
+from moelora_ds.evaluation.evaluate import (
     eval_batches,
     eval_records,
     is_multiple_choice,
     multiple_choice_answers,
 )
-from moelora_ds.expert_health import layers_json, plot_heat_maps, reduce_routing
-from moelora_ds.lm_loss import host_to_device, logits_at, model_device, model_inputs
+from moelora_ds.telemetry.expert_health import layers_json, plot_heat_maps, reduce_routing
+from moelora_ds.training.loss import host_to_device, logits_at, model_device, model_inputs
 
 ALL = "all"
 """The report's label of the whole data set."""

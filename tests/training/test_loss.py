@@ -9,7 +9,7 @@ from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
 from moelora_ds.data.collate import IGNORE_INDEX, pack_examples, pad_batch
 from moelora_ds.data.tokenization import tokenize_records
-from moelora_ds.lm_loss import accepts_logits_to_keep, causal_lm_loss, logits_at, predicting_positions
+from moelora_ds.training.loss import accepts_logits_to_keep, causal_lm_loss, logits_at, predicting_positions
 
 from conftest import build_tiny_model, multiple_choice_records
 

@@ -14,14 +14,16 @@ import yaml
 from moelora_ds.adapters.inject import adapter_parameters, inject_moelora
 from moelora_ds.data.batches import ShardedBatches
 from moelora_ds.data.records import load_records, tokenize_as_configured
-from moelora_ds.metrics import read_metrics
-from moelora_ds.model_loading import load_base_model, load_tokenizer
+from moelora_ds.models.loading import load_base_model, load_tokenizer
+from moelora_ds.telemetry.metrics import read_metrics
 
 from conftest import REPO
 from harness import (
     bf16_bound,
     checkpoint_adapters,
+    free_port,
     global_relative_error,
+    launch,
     load_config_from_dict,
     max_relative_error,
     reference_run,
@@ -31,28 +33,6 @@ from harness import (
 WORLD_SIZE = 2
 STEPS = 10
 ROUTER_CLIP = 0.02
-
-
-def launch(config: dict, workdir: Path, env: dict, *extra: str, world_size: int = WORLD_SIZE,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N launcher/train.py --config FILE [overrides]`, as a user starts it."""
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    command = ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(_free_port()),
-               str(REPO / "launcher" / "train.py"), "--config", str(path), *extra]
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 STAGE_BOUND = 1e-5
@@ -152,11 +132,11 @@ PROBE_PRELUDE = (
     "from pathlib import Path\n"
     "sys.path.insert(0, {repo!r})\n"
     "from moelora_ds.config import load_config\n"
-    "from moelora_ds.ds_config import build_deepspeed_config\n"
-    "from moelora_ds.engine import build_model\n"
+    "from moelora_ds.training.deepspeed_config import build_deepspeed_config\n"
+    "from moelora_ds.training.trainer import build_model\n"
     "from moelora_ds.adapters.inject import moelora_layers\n"
     "from moelora_ds.distributed.process_group import end_rank_process, init_distributed, say\n"
-    "from moelora_ds.optim_factory import build_optimizer\n"
+    "from moelora_ds.training.optimizers import build_optimizer\n"
     "rank, world = init_distributed()\n"
     "cfg = load_config(sys.argv[-1])\n"
     "ds = build_deepspeed_config(cfg, world)\n"
@@ -168,7 +148,7 @@ def run_probe(body: str, config: dict, tmp_path: Path, env: dict) -> list[dict]:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE_PRELUDE.format(repo=str(REPO)) + body + "end_rank_process(0)\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(probe),
+    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe),
                              str(tmp_path / "config.yaml")], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]

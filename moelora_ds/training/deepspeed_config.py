@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from moelora_ds.config import REPO_ROOT, ConfigError, RunConfig
-from moelora_ds.precision import resolve_dtype
+from moelora_ds.training.precision import resolve_dtype
 
 
 def resolve_deepspeed_path(path: str) -> Path:

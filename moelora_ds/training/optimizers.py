@@ -1,17 +1,16 @@
-"""The optimizer and learning-rate schedule a run's configuration names."""
+"""The optimizer a run's configuration names, as DeepSpeed receives it."""
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from moelora_ds.adapters.adamw import AdamWNoBiasCorrection
 from moelora_ds.adapters.optimizer import adapter_param_groups, create_riemannian_optimizer, set_preconditioning
-from moelora_ds.config import OptimizerConfig, SchedulerConfig
-from moelora_ds.router_clip import clip_router_gradients
+from moelora_ds.config import OptimizerConfig
+from moelora_ds.training.router_clip import clip_router_gradients
 
 
 def optimizer_class(name: str, offload: bool, bias_correction: bool = True) -> tuple[type[torch.optim.Optimizer], dict]:
@@ -43,28 +42,6 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, *, offload: bool,
     if config.router_clip > 0:
         clip_router_gradients(optimizer, config.router_clip, partitioned=partitioned, device=device)
     return optimizer
-
-
-def lr_multiplier(config: SchedulerConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up from 0, then constant / linear / cosine decay to min_lr_ratio at the last step."""
-    warmup, floor = config.warmup_steps, config.min_lr_ratio
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if config.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
-        if config.name == "linear":
-            return 1.0 - (1.0 - floor) * progress
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def scheduler_factory(config: SchedulerConfig, total_steps: int):
-    """A callable DeepSpeed builds the scheduler with, on the optimizer it wraps."""
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config, total_steps))
 
 
 def undo_state_initialization_step(optimizer) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from moelora_ds.config import load_config
-from moelora_ds.ds_config import build_deepspeed_config
-from moelora_ds.model_loading import load_base_model
-from moelora_ds.precision import (
+from moelora_ds.models.loading import load_base_model
+from moelora_ds.training.deepspeed_config import build_deepspeed_config
+from moelora_ds.training.precision import (
     CPU_BF16_ENV,
     Hardware,
     choose_dtype,

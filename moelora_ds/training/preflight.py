@@ -16,8 +16,8 @@ from moelora_ds.adapters.inject import find_target_linears
 from moelora_ds.checkpoints.locate import CHECKPOINTS, CheckpointError, read_run_info, resolve_resume
 from moelora_ds.checkpoints.reshard import needs_universal
 from moelora_ds.config import ConfigError, RunConfig
-from moelora_ds.ds_config import build_deepspeed_config
-from moelora_ds.model_loading import gguf_cache_dir, gguf_path, meta_model, resolve_model_dir
+from moelora_ds.models.loading import gguf_cache_dir, gguf_path, meta_model, resolve_model_dir
+from moelora_ds.training.deepspeed_config import build_deepspeed_config
 
 
 def base_model_config(config: RunConfig):

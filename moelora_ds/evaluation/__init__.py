@@ -1,0 +1,1 @@
+"""Evaluation: loss and multiple-choice accuracy, sharded over ranks, and the models moelora-eval loads."""

@@ -1,0 +1,1 @@
+"""Base models: loading (local directories, GGUF conversion, zero.Init) and per-family adapter targets."""

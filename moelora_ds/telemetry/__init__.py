@@ -1,0 +1,1 @@
+"""Telemetry: metrics, progress bars, expert health and routing reports."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer, its optimizer and schedule, DeepSpeed configuration, loss and step guards."""
