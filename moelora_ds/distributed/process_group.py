@@ -53,6 +53,18 @@ def all_sum_tensor(tensor):
     return tensor
 
 
+def require_mpi4py() -> None:
+    """Fail with what to install when ranks started by mpirun must find their master through MPI and mpi4py is
+    missing (it is the optional extra `moelora-ds[mpi]`)."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        raise LaunchEnvironmentError(
+            "started by mpirun without MASTER_ADDR: the ranks find their master through MPI, which needs mpi4py; "
+            "install it with `pip install 'moelora-ds[mpi]'` (or `pip install mpi4py`, with Debian's libopenmpi-dev), "
+            "or set MASTER_ADDR and MASTER_PORT for every rank") from None
+
+
 def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed and return (rank, world_size).
 
@@ -78,6 +90,8 @@ def init_distributed(timeout_s: Optional[int] = None) -> tuple[int, int]:
         for key, value in rendezvous.items():
             os.environ.setdefault(key, value)
         discover = "MASTER_ADDR" not in rendezvous
+        if discover:
+            require_mpi4py()
         if launcher != "env":
             node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
             master = "via MPI" if discover else f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"

@@ -209,3 +209,20 @@ def test_end_rank_process_keeps_the_exit_code_and_runs_atexit_handlers(tmp_path,
     assert result.returncode == 7, result.stderr
     assert result.stdout == "last line\n"
     assert marker.read_text() == "yes"
+
+
+def test_mpirun_without_mpi4py_says_what_to_install(tmp_path, subprocess_env):
+    """mpi4py is an optional extra: a rank started by mpirun that needs MPI discovery without it stops at once with
+    what to install, before DeepSpeed tries (and fails deep inside) to import it."""
+    env = dict(subprocess_env, OMPI_COMM_WORLD_SIZE="1", OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_LOCAL_RANK="0",
+               OMPI_COMM_WORLD_LOCAL_SIZE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        env.pop(key, None)
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "from moelora_ds.distributed.process_group import init_distributed\n"
+            "init_distributed()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "LaunchEnvironmentError" in result.stderr and "pip install 'moelora-ds[mpi]'" in result.stderr, \
+        result.stderr[-2000:]
