@@ -54,6 +54,17 @@ def tiny_model_config(arch: str = "llama", vocab_size: int = 320):
         return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if arch == "mistral":
         return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common)
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "phi3":
+        return tf.Phi3Config(num_key_value_heads=2, **tokens, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=8, **tokens, **common)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, **tokens, **common)
+    if arch == "olmo2":
+        return tf.Olmo2Config(num_key_value_heads=2, **tokens, **common)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(**common)
     raise ValueError(arch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
 GateRescale = Literal["sqrt", "none"]
@@ -25,8 +25,9 @@ class MoELoRAConfig:
     masks keep E copies of the layer input for backward)."""
     top_k: Optional[int] = None
     """Experts kept per token; None (or num_experts) is dense routing."""
-    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module-name suffixes (a list), a regex matched against the full module path (a string), or "all-linear"."""
+    target_modules: Union[str, list[str]] = "attention"
+    """"attention" or "mlp" (the model family's names for that part of every layer: adapters/targets.py),
+    "all-linear", module-name suffixes (a list), or a regex matched against the full module path (another string)."""
     gate_rescale: GateRescale = "sqrt"
     """"sqrt": expert gradients weighted by sqrt(gate) (the paper); "none": plain gating."""
     router_aux_loss_coef: float = 0.0
@@ -53,10 +54,10 @@ class MoELoRAConfig:
                 fail("top_k", f"at most num_experts={self.num_experts}")
         if isinstance(self.target_modules, str):
             if not self.target_modules:
-                fail("target_modules", "a non-empty regex, a list of names, or 'all-linear'")
+                fail("target_modules", "'attention', 'mlp', 'all-linear', a non-empty regex, or a list of names")
         elif not (isinstance(self.target_modules, (list, tuple)) and self.target_modules
                   and all(isinstance(t, str) and t for t in self.target_modules)):
-            fail("target_modules", "a non-empty list of module-name suffixes, a regex, or 'all-linear'")
+            fail("target_modules", "'attention', 'mlp', 'all-linear', a regex, or a non-empty list of names")
         else:
             self.target_modules = list(self.target_modules)
         if self.gate_rescale not in ("sqrt", "none"):

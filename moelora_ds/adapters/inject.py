@@ -11,6 +11,7 @@ from torch import nn
 
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.layer import MoELoRALinear
+from moelora_ds.adapters.targets import PRESETS, preset_linears
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -24,9 +25,12 @@ def _has_suffix(name: str, suffix: str) -> bool:
 
 
 def find_target_linears(model: nn.Module, config: MoELoRAConfig) -> list[str]:
-    """Paths of the nn.Linear modules `config.target_modules` selects ("all-linear" never takes the output head)."""
+    """Paths of the nn.Linear modules `config.target_modules` selects: a preset of the model's family ("attention",
+    "mlp"), "all-linear" (never the output head), name suffixes or a regex over the full path."""
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     targets = config.target_modules
+    if targets in PRESETS:
+        return preset_linears(model, targets)
     if targets == "all-linear":
         heads = _output_head_names(model)
         return [name for name in linears if name not in heads]

@@ -1,1 +1,1 @@
-"""Base models: loading (local directories, GGUF conversion, zero.Init) and per-family adapter targets."""
+"""Base models: loading from a local directory or a GGUF file (converted once), partitioned under ZeRO-3."""

@@ -135,9 +135,14 @@ def test_unmatched_target_raises_with_candidates(targets):
         assert candidate in message
 
 
-def test_default_targets_missing_in_gpt_neox_names_its_linears():
+def test_default_targets_are_each_familys_attention():
+    model = inject_moelora(build_tiny_model("gpt_neox"), MoELoRAConfig())
+    assert [path.rsplit(".", 1)[-1] for path, _ in moelora_layers(model)] == ["query_key_value", "dense"] * 2
+
+
+def test_names_missing_in_gpt_neox_name_its_linears():
     with pytest.raises(ValueError, match="query_key_value"):
-        inject_moelora(build_tiny_model("gpt_neox"), MoELoRAConfig())
+        inject_moelora(build_tiny_model("gpt_neox"), MoELoRAConfig(target_modules=["q_proj", "v_proj"]))
 
 
 def test_router_aux_loss_sums_layers():
