@@ -57,8 +57,7 @@ from bench_utils import (  # noqa: E402
 
 
 class HealthTimer:
-    """CPU seconds of this thread in the health code: wraps each layer's recorder, `RoutingStats.flush` and
-    `ExpertHealth.interval`."""
+    """CPU seconds of this thread in the health code: wraps each layer's recorder and `ExpertHealth.interval`."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -88,7 +87,6 @@ def build_steps(config, smoke: bool, batch: dict, log_dir: Path):
     timer = HealthTimer()
     layers = [layer for _, layer in moelora_layers(model)]
     recorders = [timer.wrap(layer.routing_stats) for layer in layers]
-    health.stats.flush = timer.wrap(health.stats.flush)
     interval = timer.wrap(health.interval)
     counter = [0]
 
@@ -167,8 +165,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"({micro_batch_size} questions, {batch['input_ids'].shape[1]} positions, {tokens} non-padding tokens)",
         f"- {args.threads} torch thread(s); CPU time of this process per step, median of {args.reps} interleaved "
         f"rounds after {warmup} warm-up steps each; `on` ends a logging interval every step (log_every=1, the most "
-        f"health work per step); `health code`: CPU time (this thread) inside the layers' recording calls, "
-        f"RoutingStats.flush and ExpertHealth.interval, averaged over the `on` steps: the measure of the cost, as "
+        f"health work per step); `health code`: CPU time (this thread) inside the layers' recording calls "
+        f"and ExpertHealth.interval, averaged over the `on` steps: the measure of the cost, as "
         f"the paired ratio cannot resolve differences below the per-round noise of a shared machine",
         "",
         table,

@@ -112,6 +112,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="a training run's output_dir (or a checkpoint tag directory)")
     source.add_argument("--model", help="an exported directory: merged model or adapter export")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow --model to run the modeling code its directory ships (a merged MoE-LoRA export "
+                             "with several experts per layer has such code); without it, such a model is refused")
     parser.add_argument("--json-out", default=None, help="also write the result as JSON to this file")
     parser.add_argument("--routing-report", metavar="OUT", default=None,
                         help="also write how the MoE-LoRA layers route the data (per layer and expert; per answer "
@@ -144,7 +147,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         model, tokenizer, what = load_for_eval(
             config, checkpoint=Path(args.checkpoint) if args.checkpoint else None, tag=args.tag,
             exported=Path(args.model) if args.model else None,
-            is_converter=local_rank() == 0, barrier=dist.barrier)
+            is_converter=local_rank() == 0, barrier=dist.barrier, trust_remote_code=args.trust_remote_code)
         if args.routing_report:  # first: a model without routed layers fails before the evaluation's time is spent
             _routing_report(args.routing_report, config, model, tokenizer, what, rank, world_size)
         result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,

@@ -32,22 +32,23 @@ deepspeed --num_gpus "$NUM_RANKS" launcher/train.py --config "$CONFIG" --train.o
 echo "== 4/5 exporting the merged model and evaluating it"
 rm -rf "$MERGED"
 moelora-export --checkpoint "$OUT" --out "$MERGED" --mode merged
-deepspeed --num_gpus "$NUM_RANKS" launcher/eval.py --config "$CONFIG" --model "$MERGED" \
+deepspeed --num_gpus "$NUM_RANKS" launcher/eval.py --config "$CONFIG" --model "$MERGED" --trust-remote-code \
   --json-out outputs/quickstart-after.json
 
-echo "== 5/5 generating with the exported model (plain transformers, trust_remote_code)"
+echo "== 5/5 the exported model in plain transformers (trust_remote_code): a few test questions"
 python - "$MERGED" <<'PY'
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from moelora_ds.evaluation.evaluate import multiple_choice_predictions
 path = sys.argv[1]
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-question = json.loads(open("data/wordnet/test.jsonl").readline())["messages"]
-prompt = tokenizer.apply_chat_template(question[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-answer = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-print("Q:", question[0]["content"].splitlines()[0], "...")
-print("A:", tokenizer.decode(answer[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
-      "(expected", question[-1]["content"] + ")")
+records = [json.loads(line) for line, _ in zip(open("data/wordnet/test.jsonl"), range(6))]
+# scored as the evaluation scores: the answer letter whose token the model ranks highest after the question
+for record, chosen in zip(records, multiple_choice_predictions(model, tokenizer, records)):
+    expected = record["messages"][-1]["content"]
+    question = " ".join(record["messages"][0]["content"].split())
+    print(f"  {'right' if chosen == expected else 'wrong'}: model {chosen}, expected {expected} | {question[:90]}...")
 PY
 
 python - "$OUT" "$started" "$setup_done" <<'PY'

@@ -1,6 +1,7 @@
 """Routing statistics of MoE-LoRA layers: routed slots per expert, router entropy and confidence, summed on device.
 
-Every adapted layer owns one row of a (layers, 3E + 1) fp32 buffer, sums over the tokens it routed: per expert
+Every adapted layer owns one row of a (layers, 3E + 1) fp32 buffer, sums over the tokens it routed, added in its
+own forward (no per-token tensor outlives the layer's forward, none is stacked across layers): per expert
 the routed slots (top-k: 1 for each chosen expert whose gate is non-zero, as the load-balancing loss counts
 them; dense routing: the expert's gate, so each token adds 1 in all), per expert the entropy terms -p log p of
 the router probabilities, per expert the tokens whose probability for it exceeds CONFIDENT_PROBABILITY (at
@@ -28,23 +29,24 @@ def routing_sums(gates: torch.Tensor, probs: torch.Tensor, top_k: Optional[int],
     (layers); `top_k` None is dense routing, `weight` (tokens,) of 0/1 leaves tokens out (padding).
 
     The entropy and the confidence are those of the dense router probabilities: with top-1 the renormalised
-    gate is always 1. One product `weight @ columns`, whose last column is the weight itself (0/1: it counts).
+    gate is always 1. Each part is one product `weight @ part` ((tokens, E) at a time, no concatenated copy).
     """
     probs = probs.detach()
     weight = probs.new_ones(probs.shape[-2]) if weight is None else weight.to(probs)
-    slots = gates.detach() > 0 if top_k is not None else gates.detach()
-    counted = weight.unsqueeze(-1).expand(*probs.shape[:-1], 1)
-    columns = torch.cat([slots, torch.special.entr(probs), probs > CONFIDENT_PROBABILITY, counted], dim=-1)
-    return torch.matmul(weight, columns.to(probs))
+    slots = (gates.detach() > 0).to(probs) if top_k is not None else gates.detach().to(probs)
+    parts = [torch.matmul(weight, part) for part in
+             (slots, torch.special.entr(probs), (probs > CONFIDENT_PROBABILITY).to(probs))]
+    counted = weight.sum().expand(*probs.shape[:-2], 1)
+    return torch.cat([*parts, counted], dim=-1)
 
 
 class RoutingStats:
     """The summed statistics of named layers since the last `reset`, in one (layers, 3E + 1) fp32 buffer `sums`.
 
-    Layers hand their gates over only inside `recording()`, each layer once per `recording()` (evaluation
-    forwards outside it, and the forward that gradient checkpointing recomputes in backward, are not
-    counted); leaving `recording()` adds them up, all layers of one shape in one batch of device operations.
-    fp32 counts are exact up to 2^24 tokens per interval.
+    Layers add their routing only inside `recording()`, each layer once per `recording()` (evaluation forwards
+    outside it, and the forward that gradient checkpointing recomputes in backward, are not counted), as it
+    happens: a few small device operations per layer, no host synchronisation. fp32 counts are exact up to 2^24
+    tokens per interval.
     """
 
     def __init__(self, names: Sequence[str], num_experts: int, device: torch.device) -> None:
@@ -56,7 +58,6 @@ class RoutingStats:
         """Number of the recording in progress; 0 outside `recording()`."""
         self._weight: Optional[torch.Tensor] = None
         self._seen = [0] * len(self.names)
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, Optional[int]]] = []
 
     @contextmanager
     def recording(self, attention_mask: Optional[torch.Tensor] = None) -> Iterator[None]:
@@ -66,10 +67,8 @@ class RoutingStats:
         self._weight = None if attention_mask is None else attention_mask.reshape(-1).to(self.sums)
         try:
             yield
-            self.flush()
         finally:
             self._current, self._weight = 0, None
-            self._pending.clear()
 
     @property
     def active(self) -> bool:
@@ -77,31 +76,15 @@ class RoutingStats:
         return self._current != 0
 
     def record(self, index: int, gates: torch.Tensor, probs: torch.Tensor, top_k: Optional[int]) -> None:
-        """Keep layer `index`'s routing of the forward pass being recorded (added when the recording ends)."""
+        """Add layer `index`'s routing of the forward pass being recorded to its row of `sums`."""
         if self._current == 0 or self._seen[index] == self._current:
             return
         self._seen[index] = self._current
-        self._pending.append((index, gates.detach(), probs.detach(), top_k))
-
-    def flush(self) -> None:
-        """Add the kept routing to `sums` (leaving `recording()` does): one stacked computation per (gates shape,
-        top_k), no host synchronisation."""
-        groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        for index, gates, probs, top_k in self._pending:
-            groups.setdefault((gates.shape, top_k), []).append((index, gates, probs))
+        weight = self._weight
+        if weight is not None and weight.numel() != gates.shape[-2]:
+            weight = None  # a layer that does not see the batch's (batch x seq) tokens: count all it sees
         with torch.no_grad():
-            for (shape, top_k), layers in groups.items():
-                weight = self._weight
-                if weight is not None and weight.numel() != shape[0]:
-                    weight = None  # layers that do not see the batch's (batch x seq) tokens: count all they see
-                rows = routing_sums(torch.stack([g for _, g, _ in layers]), torch.stack([p for _, _, p in layers]),
-                                    top_k, weight)
-                indices = [index for index, _, _ in layers]
-                if indices == list(range(len(self.names))):
-                    self.sums.add_(rows)
-                else:
-                    for row, index in zip(rows, indices):
-                        self.sums[index].add_(row)
+            self.sums[index].add_(routing_sums(gates, probs, top_k, weight))
 
     def reset(self) -> None:
         self.sums.zero_()

@@ -120,6 +120,23 @@ def choice_token_ids(tokenizer, prompt_text: str, choices: Sequence[str]) -> lis
     return ids
 
 
+def _multiple_choice_prompts(tokenizer, records: Sequence[dict], choices: Sequence[str]):
+    """(conversation, answer) of every record, its prompt rendered with the generation prompt, the choices' tokens."""
+    if not records:
+        raise ValueError("no records to evaluate")
+    split = [_split_multiple_choice(record, choices, i) for i, record in enumerate(records)]
+    prompts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages, _ in split]
+    return split, prompts, choice_token_ids(tokenizer, prompts[0], choices)
+
+
+def multiple_choice_predictions(model: torch.nn.Module, tokenizer, records: Sequence[dict],
+                                choices: Sequence[str] = ("A", "B", "C", "D")) -> list[str]:
+    """The choice the model picks for each record, scored as multiple_choice_accuracy scores (one process)."""
+    _, prompts, token_ids = _multiple_choice_prompts(tokenizer, records, choices)
+    with _EvalMode(model):
+        return [choices[p] for p in _predict(model, tokenizer, prompts, token_ids, model_device(model))]
+
+
 def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequence[dict],
                              choices: Sequence[str] = ("A", "B", "C", "D"), micro_batch_size: int = 8,
                              rank: int = 0, world_size: int = 1) -> dict:
@@ -131,11 +148,7 @@ def multiple_choice_accuracy(model: torch.nn.Module, tokenizer, records: Sequenc
     over ranks. Returns {"accuracy", "correct", "total", "predicted"}, where "predicted" counts how often
     each choice was predicted (a model that always gives one letter shows as one non-zero count).
     """
-    if not records:
-        raise ValueError("no records to evaluate")
-    split = [_split_multiple_choice(record, choices, i) for i, record in enumerate(records)]
-    prompts = [render_chat(tokenizer, messages, add_generation_prompt=True) for messages, _ in split]
-    token_ids = choice_token_ids(tokenizer, prompts[0], choices)
+    split, prompts, token_ids = _multiple_choice_prompts(tokenizer, records, choices)
     device = model_device(model)
     mine = list(range(rank, len(records), world_size))
     count = math.ceil(math.ceil(len(records) / world_size) / micro_batch_size)

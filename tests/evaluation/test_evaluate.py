@@ -21,6 +21,7 @@ from moelora_ds.evaluation.evaluate import (
     evaluate_loss,
     evaluate_run,
     multiple_choice_accuracy,
+    multiple_choice_predictions,
 )
 
 from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
@@ -76,6 +77,7 @@ def test_batched_accuracy_matches_brute_force(model, tiny_tokenizer):
         result = multiple_choice_accuracy(model, tiny_tokenizer, records, micro_batch_size=micro_batch_size)
         assert result == {"accuracy": expected / 13, "correct": expected, "total": 13,
                           "predicted": {letter: predicted.count(letter) for letter in LETTERS}}
+    assert multiple_choice_predictions(model, tiny_tokenizer, records) == predicted
 
 
 def test_choice_tokens_are_checked(tiny_tokenizer):
