@@ -149,9 +149,11 @@ def eval_main(argv: list[str] | None = None) -> int:
             exported=Path(args.model) if args.model else None,
             is_converter=local_rank() == 0, barrier=dist.barrier, trust_remote_code=args.trust_remote_code)
         if args.routing_report:  # first: a model without routed layers fails before the evaluation's time is spent
-            _routing_report(args.routing_report, config, model, tokenizer, what, rank, world_size)
+            _routing_report(args.routing_report, config, getattr(model, "module", model), tokenizer, what, rank,
+                            world_size)
         result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,
-                              micro_batch_size=config.train.micro_batch_size)
+                              micro_batch_size=config.train.micro_batch_size,
+                              chunk_tokens=config.train.loss_chunk_tokens)
         if rank == 0:
             print(f"moelora-eval: {what} on {config.data.eval_path}: " + json.dumps(result), flush=True)
             if args.json_out:

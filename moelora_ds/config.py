@@ -138,6 +138,9 @@ class TrainLoopConfig:
     """On a non-finite loss or gradient: stop with an error naming the step, or discard that step's whole update."""
     collective_timeout_s: int = 600
     """Seconds a rank waits in a collective for the others before failing, so a hung rank ends the job."""
+    loss_chunk_tokens: int = 1024
+    """Labelled tokens whose logits are computed at once: the loss goes through the output head in chunks, never
+    holding full-vocabulary logits for all tokens (training and evaluation loss); 0: all at once."""
 
 
 @dataclass
@@ -324,7 +327,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{src}: {key}: expected a positive value, got {value!r}")
     if train.stop_at is not None and train.stop_at < 1:
         raise ConfigError(f"{src}: train.stop_at: expected a positive step or null, got {train.stop_at}")
-    for key in ("save_every", "eval_every", "keep_checkpoints"):
+    for key in ("save_every", "eval_every", "keep_checkpoints", "loss_chunk_tokens"):
         if getattr(train, key) < 0:
             raise ConfigError(f"{src}: train.{key}: expected 0 or more, got {getattr(train, key)}")
     if train.grad_clip < 0:

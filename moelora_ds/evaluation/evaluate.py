@@ -13,14 +13,13 @@ import math
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from moelora_ds.data.collate import IGNORE_INDEX, pad_batch
 from moelora_ds.data.records import load_records, tokenize_as_configured
 from moelora_ds.data.tokenization import render_chat
 from moelora_ds.distributed.process_group import all_sum
 from moelora_ds.telemetry.progress import progress
-from moelora_ds.training.loss import logits_at, model_device, supervised_logits_and_targets
+from moelora_ds.training.loss import labelled_loss_sum, logits_at, model_device
 
 
 class _EvalMode:
@@ -60,8 +59,9 @@ def eval_batches(examples: Sequence[Mapping[str, Sequence[int]]], *, micro_batch
 
 
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
-                  world_size: int = 1) -> float:
-    """Mean next-token cross-entropy over all labelled tokens of `batches` (token-weighted, not batch-weighted).
+                  world_size: int = 1, chunk_tokens: int = 0) -> float:
+    """Mean next-token cross-entropy over all labelled tokens of `batches` (token-weighted, not batch-weighted),
+    through the output head in chunks of `chunk_tokens` when > 0 (training/loss.py).
 
     With world_size > 1 the sums are all-reduced over the process group, so every rank must pass the
     same number of batches (as `eval_batches` gives). NaN when no token is labelled.
@@ -70,9 +70,9 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
     loss_sum, tokens = 0.0, 0
     with _EvalMode(model):
         for batch in progress(batches, desc="eval loss", unit="batch"):
-            logits, targets = supervised_logits_and_targets(model, batch, device)
-            loss_sum += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
-            tokens += int((targets != IGNORE_INDEX).sum())
+            batch_sum, labelled = labelled_loss_sum(model, batch, device, chunk_tokens)
+            loss_sum += float(batch_sum)
+            tokens += labelled
     if world_size > 1:
         loss_sum, tokens = all_sum([loss_sum, float(tokens)], device)
     return loss_sum / tokens if tokens else float("nan")
@@ -187,14 +187,14 @@ def eval_records(data_config) -> tuple[list[dict], str]:
 
 
 def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, world_size: int,
-                 micro_batch_size: int) -> dict:
+                 micro_batch_size: int, chunk_tokens: int = 0) -> dict:
     """The training run's evaluation of `data_config.eval_path`: {"eval_loss"} and, for multiple-choice
     chat data whose answers are `data_config.choices`, {"accuracy", "predicted"} (predictions per choice)."""
     records, fmt = eval_records(data_config)
     examples, _ = tokenize_as_configured(records, fmt, tokenizer, data_config)
     batches = eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            pad_token_id=tokenizer.pad_token_id)
-    result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size)}
+    result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size, chunk_tokens=chunk_tokens)}
     if fmt == "chat" and is_multiple_choice(records, data_config.choices):
         scores = multiple_choice_accuracy(model, tokenizer, records, data_config.choices, micro_batch_size, rank,
                                           world_size)

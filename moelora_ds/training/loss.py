@@ -10,6 +10,9 @@ Batches arrive on the CPU (collate.pad_batch). What the host must know about the
 mask is needed) is read from the CPU tensors with numpy, which cannot touch device memory, and only then
 are they moved to the device (`host_to_device`: staged in pinned memory and copied asynchronously, since a
 copy from pageable memory waits for the device's queue): computing the loss reads nothing back from the device.
+
+With `chunk_tokens` the labelled tokens' loss goes through the output head in chunks (chunked_loss.py): only the
+labelled (row, position) pairs, and never the full-vocabulary logits of all of them at once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora_ds.data.collate import IGNORE_INDEX
+from moelora_ds.training.chunked_loss import chunkable_head, head_computes_loss
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -95,9 +99,30 @@ def supervised_logits_and_targets(model: torch.nn.Module, batch: Mapping[str, to
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
+def labelled_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device,
+                      chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy over the labelled tokens of a CPU `batch`, fp32 on `device`; their number).
+
+    `chunk_tokens` > 0 computes it through the output head in chunks of that many tokens where the model's head
+    allows it (chunked_loss.chunkable_head), else from the logits at the predicting positions."""
+    module = getattr(model, "module", model)
+    head = chunkable_head(module) if chunk_tokens > 0 and accepts_logits_to_keep(model) else None
+    if head is None:
+        logits, targets = supervised_logits_and_targets(model, batch, device)
+        labelled = int(np.count_nonzero(batch["labels"].numpy()[:, 1:] != IGNORE_INDEX))
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"), labelled
+    positions = predicting_positions(batch["labels"])
+    flat = batch["labels"][:, positions + 1].reshape(-1)
+    index = torch.from_numpy(np.flatnonzero(flat.numpy() != IGNORE_INDEX))
+    inputs = {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+    with head_computes_loss(head, host_to_device(index, device), host_to_device(flat[index], device), chunk_tokens):
+        loss_sum = model(**inputs, logits_to_keep=host_to_device(positions, device)).logits
+    return loss_sum, len(index)
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                   device: Optional[torch.device] = None) -> torch.Tensor:
+                   device: Optional[torch.device] = None, chunk_tokens: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens of a CPU `batch` (as the model's own `.loss`), computed
-    on `device` (default: the model's)."""
-    logits, targets = supervised_logits_and_targets(model, batch, device or model_device(model))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    on `device` (default: the model's), through the output head in chunks of `chunk_tokens` when > 0."""
+    loss_sum, labelled = labelled_loss_sum(model, batch, device or model_device(model), chunk_tokens)
+    return loss_sum / labelled

@@ -228,7 +228,7 @@ class Trainer:
             recording = (self.health.recording(host_to_device(batch["attention_mask"], self.device))
                          if self.health is not None else nullcontext())
             with recording:
-                loss = causal_lm_loss(self.engine, batch, self.device)
+                loss = causal_lm_loss(self.engine, batch, self.device, self.config.train.loss_chunk_tokens)
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
@@ -317,7 +317,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         return evaluate_run(self.engine, self.config.data, self.tokenizer, rank=self.rank,
-                            world_size=self.world_size, micro_batch_size=self.config.train.micro_batch_size)
+                            world_size=self.world_size, micro_batch_size=self.config.train.micro_batch_size,
+                            chunk_tokens=self.config.train.loss_chunk_tokens)
 
 
 def train(config: RunConfig) -> int:

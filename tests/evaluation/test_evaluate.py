@@ -8,7 +8,6 @@ import math
 import os
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from moelora_ds.evaluation.evaluate import (
     multiple_choice_predictions,
 )
 
-from conftest import build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
+from conftest import REPO, build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -190,7 +189,7 @@ def test_zero3_engine_evaluation_matches_single_process(tmp_path, model, tiny_to
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    probe = Path(__file__).resolve().parent / "evaluate_zero3_probe.py"
+    probe = REPO / "tests" / "evaluate_zero3_probe.py"
     run = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(probe), str(tmp_path)],
                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -207,3 +206,33 @@ def test_zero3_engine_evaluation_matches_single_process(tmp_path, model, tiny_to
             assert report[target]["accuracy"] == accuracy
             assert report[target]["loss"] == pytest.approx(loss, rel=1e-5)
     assert reports[0]["forward_calls"] == reports[1]["forward_calls"] == 2 * (3 + 3)
+
+
+@pytest.mark.distributed
+def test_checkpoint_evaluated_partitioned_like_training(tmp_path, tiny_model_dir, tiny_mc_data, subprocess_env):
+    """`moelora-eval --checkpoint` of a ZeRO-3 run on 2 ranks evaluates through a ZeRO-3 engine (each rank holds half
+    of the weights) and gets what one unpartitioned process gets from the same checkpoint."""
+    import yaml
+
+    from moelora_ds.evaluation.models import load_for_eval
+
+    from harness import free_port, launch, load_config_from_dict, run_config
+
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", train={"max_steps": 3})
+    config["data"]["eval_path"] = str(tiny_mc_data["test"])
+    launch(config, tmp_path, subprocess_env)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                          str(REPO / "launcher" / "eval.py"), "--config", str(tmp_path / "eval.yaml"),
+                          "--checkpoint", str(tmp_path / "out"), "--json-out", str(tmp_path / "eval.json")],
+                         cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    sharded = json.loads((tmp_path / "eval.json").read_text())
+    assert sharded["model"].endswith("(ZeRO-3 partitioned)"), sharded["model"]
+
+    single = load_config_from_dict({**config, "deepspeed": "ds_configs/zero0.json"})
+    model, tokenizer, what = load_for_eval(single, checkpoint=tmp_path / "out")
+    assert "partitioned" not in what
+    expected = evaluate_run(model, single.data, tokenizer, rank=0, world_size=1, micro_batch_size=2)
+    assert sharded["accuracy"] == expected["accuracy"] and sharded["predicted"] == expected["predicted"]
+    assert sharded["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)  # fp32, sums in another order
