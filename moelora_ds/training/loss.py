@@ -55,6 +55,11 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(labelled.any(axis=0)))
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many tokens of a CPU `labels` batch the loss is taken over (labelled, after the shift by one)."""
+    return int(np.count_nonzero(labels.numpy()[:, 1:] != IGNORE_INDEX))
+
+
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
     """The model's keyword arguments for a CPU batch: all but the labels, the attention mask only where it is needed.
 
