@@ -124,6 +124,12 @@ class TrainLoopConfig:
     """Seeds adapter initialisation, data order and dropout."""
     output_dir: str = "outputs/run"
     """Holds checkpoints/, metrics.jsonl, loss_curve.png and TensorBoard logs."""
+    report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = None
+    """Experiment trackers rank 0 sends the metrics to (README, "Experiment trackers"); [] for none; null: tensorboard
+    when it is installed. mlflow and wandb also get the configuration as parameters and the loss curve and expert-health
+    heat map as artifacts; each needs its extra (`pip install moelora-ds[mlflow]`, `[wandb]`, `[tensorboard]`)."""
+    run_name: Optional[str] = None
+    """The run's name in the experiment trackers; null: the name of output_dir."""
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the end)."""
     keep_checkpoints: int = 2
@@ -131,7 +137,7 @@ class TrainLoopConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end, if data.eval_path is set)."""
     log_every: int = 1
-    """Log metrics every N steps (the last step is always logged)."""
+    """Log metrics every N steps (the last step is always logged; so is every health.every-th step)."""
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
     nonfinite: Literal["stop", "skip"] = "stop"
@@ -147,15 +153,19 @@ class TrainLoopConfig:
 class HealthConfig:
     enabled: bool = True
     """Record every adapted layer's routing (share of routed slots per expert, router entropy, confidently routed
-    tokens) over each logging interval, summed over ranks: a summary in metrics.jsonl, per-layer TensorBoard
-    scalars, a collapse alarm and expert_health.png at the end (README, "Expert health")."""
+    tokens) over each health interval (`every` steps), summed over ranks: a summary in metrics.jsonl, per-layer
+    tracker scalars, a collapse alarm and expert_health.png at the end (README, "Expert health")."""
+    every: int = 50
+    """Steps per health interval: the routing is reduced over ranks and its summary and layers x (experts + 3)
+    per-layer scalars written every N steps (and at the last step), apart from train.log_every, as the per-layer
+    scalars cost rank 0 far more than a metrics record on a large model (benchmarks/RESULTS.md, "health_writes")."""
     dead_share: float = 0.01
     """An expert is dead in an interval when it gets less than this fraction of its layer's routed slots."""
     max_share: float = 0.9
     """An expert dominates when it gets more than this fraction of its layer's routed slots (dense routing: its mean
     gate). With top-k an expert has at most 1/k of the slots, so there a collapse shows as dead experts."""
     patience: int = 10
-    """Logging intervals in a row a layer must have a dead or a dominating expert before the collapse alarm."""
+    """Health intervals in a row a layer must have a dead or a dominating expert before the collapse alarm."""
 
 
 @dataclass
@@ -185,8 +195,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own message ("expected one of [...]" rather than "X or NoneType")
+            return _coerce(value, candidates[0], where)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in candidates:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as error:
@@ -315,7 +328,8 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: train: set exactly one of max_steps and epochs "
                           f"(got max_steps={train.max_steps}, epochs={train.epochs})")
     positive = {"train.micro_batch_size": train.micro_batch_size, "train.grad_accum": train.grad_accum,
-                "train.log_every": train.log_every, "train.collective_timeout_s": train.collective_timeout_s,
+                "train.log_every": train.log_every, "health.every": config.health.every,
+                "train.collective_timeout_s": train.collective_timeout_s,
                 "data.max_length": config.data.max_length,
                 "optimizer.lr": config.optimizer.lr, "optimizer.reg": config.optimizer.reg}
     if train.max_steps is not None:
@@ -343,6 +357,10 @@ def validate(config: RunConfig) -> None:
                           f"got {config.scheduler.min_lr_ratio}")
     if config.scheduler.warmup_steps < 0:
         raise ConfigError(f"{src}: scheduler.warmup_steps: expected 0 or more, got {config.scheduler.warmup_steps}")
+    if train.report_to is not None and len(set(train.report_to)) != len(train.report_to):
+        raise ConfigError(f"{src}: train.report_to: expected each tracker once, got {train.report_to}")
+    if train.run_name is not None and not train.run_name.strip():
+        raise ConfigError(f"{src}: train.run_name: expected a name or null (the output directory's name), got ''")
     if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
         raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
     health = config.health

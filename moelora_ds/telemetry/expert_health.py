@@ -1,5 +1,5 @@
-"""Expert health of a training run: routing statistics summed over ranks per logging interval, the collapse
-alarm, the metrics summary, per-layer TensorBoard scalars and the heat map (layers x experts)."""
+"""Expert health of a training run: routing statistics summed over ranks per health interval (health.every steps),
+the collapse alarm, the metrics summary, per-layer tracker scalars and the heat map (layers x experts)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def alarm_message(step: int, fired: Mapping[str, str], patience: int) -> str:
     """The one warning printed for the layers whose alarm went off at `step`."""
     named = [f"{name}: {problem}" for name, problem in list(fired.items())[:ALARM_LAYERS_NAMED]]
     more = len(fired) - len(named)
-    return (f"[moelora-ds] warning: expert collapse at step {step} (for {patience} logging intervals in a row) in "
+    return (f"[moelora-ds] warning: expert collapse at step {step} (for {patience} health intervals in a row) in "
             f"{len(fired)} layer(s): " + "; ".join(named) + (f"; and {more} more layer(s)" if more else "")
             + f". {ALARM_ADVICE}; see metrics.jsonl and {HEAT_MAP_FILE} (health.* configures this alarm)")
 
@@ -139,7 +139,7 @@ def plot_heat_maps(panels: Mapping[str, torch.Tensor], names: Sequence[str], pat
 
 class ExpertHealth:
     """A training run's routing telemetry from `first_step` on: attach to the model, record inside
-    `recording(mask)`, reduce with `interval` at every logged step (a collective: all ranks call it),
+    `recording(mask)`, reduce with `interval` every health.every steps (a collective: all ranks call it),
     `finish(output_dir)` on rank 0."""
 
     def __init__(self, model: nn.Module, config: HealthConfig, device: torch.device, first_step: int) -> None:
@@ -186,7 +186,7 @@ class ExpertHealth:
 
     def finish(self, output_dir: Path, logger: MetricsLogger) -> Optional[Path]:
         """Write the run's totals to expert_health.json and the heat map expert_health.png (the PNG's path, or None),
-        and a line naming how many layers alarmed in all."""
+        both artifacts for the logger's trackers, and a line naming how many layers alarmed in all."""
         if self.alarmed:
             logger.write(f"[moelora-ds] expert health: the collapse alarm went off for {len(self.alarmed)} of "
                          f"{len(self.stats.names)} layers in this run ('health_alarm' in {METRICS_FILE})")
@@ -194,8 +194,11 @@ class ExpertHealth:
             return None
         summary = routing_summary(self.run_sums, self.config.dead_share)
         steps = f"steps {self.steps[0]}-{self.steps[1]}"
-        (Path(output_dir) / HEALTH_FILE).write_text(json.dumps(
-            {"steps": self.steps, "dead_share": self.config.dead_share,
-             "layers": layers_json(self.stats.names, summary)}, indent=1) + "\n")
-        return plot_heat_maps({steps: summary["share"]}, self.stats.names, Path(output_dir) / HEAT_MAP_FILE,
-                              "Expert health: share of routed slots per layer and expert")
+        totals = Path(output_dir) / HEALTH_FILE
+        totals.write_text(json.dumps({"steps": self.steps, "dead_share": self.config.dead_share,
+                                      "layers": layers_json(self.stats.names, summary)}, indent=1) + "\n")
+        heat_map = plot_heat_maps({steps: summary["share"]}, self.stats.names, Path(output_dir) / HEAT_MAP_FILE,
+                                  "Expert health: share of routed slots per layer and expert")
+        logger.add_artifact(totals)
+        logger.add_artifact(heat_map)
+        return heat_map

@@ -1,4 +1,4 @@
-"""Rank-0 reporting: progress bar, metrics.jsonl, TensorBoard (when installed) and the loss-curve PNG."""
+"""Rank-0 reporting: progress bar, metrics.jsonl, the experiment trackers (train.report_to) and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from tqdm.auto import tqdm
+
+from moelora_ds.telemetry.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -18,23 +20,19 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step; on resume, drops lines past the step it resumes from."""
+    """Writes one JSON object per logged step, and its numbers to the trackers; on resume, drops lines past the step
+    it resumes from. `add_artifact` names files the trackers get when the logger closes (with the loss curve)."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int) -> None:
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int,
+                 trackers: Optional[Trackers] = None) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self.tensorboard = self._open_tensorboard()
-
-    def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        self.trackers = trackers
+        self.artifacts: list[Path] = []
 
     def advance(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         self.progress.n = step
@@ -47,20 +45,27 @@ class MetricsLogger:
         self.scalars({k: v for k, v in record.items() if k != "step"}, record["step"])
 
     def scalars(self, values: dict, step: int) -> None:
-        """The numbers among `values` to TensorBoard only (metrics.jsonl keeps the compact record)."""
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, step)
+        """The numbers among `values` to the trackers only (metrics.jsonl keeps the compact record)."""
+        if self.trackers is not None:
+            self.trackers.log_metrics(values, step)
+
+    def add_artifact(self, path: Optional[Path]) -> None:
+        """A file for the trackers at close (None: nothing was written)."""
+        if path is not None:
+            self.artifacts.append(Path(path))
 
     def write(self, message: str) -> None:
         self.progress.write(message)
 
     def close(self) -> Optional[Path]:
+        """End the progress bar, draw the loss curve (its path, or None) and hand it and the artifacts to the trackers,
+        which then end their runs."""
         self.progress.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        return plot_loss_curve(self.output_dir)
+        curve = plot_loss_curve(self.output_dir)
+        if self.trackers is not None:
+            self.trackers.log_artifacts([*self.artifacts, *([curve] if curve else [])])
+            self.trackers.close()
+        return curve
 
 
 def plot_loss_curve(output_dir: Path) -> Optional[Path]:

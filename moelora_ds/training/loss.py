@@ -59,6 +59,11 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(labelled.any(axis=0)))
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """How many tokens of a CPU `labels` batch the loss is taken over (labelled, after the shift by one)."""
+    return int(np.count_nonzero(labels.numpy()[:, 1:] != IGNORE_INDEX))
+
+
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
     """The model's keyword arguments for a CPU batch: all but the labels, the attention mask only where it is needed.
 
@@ -109,8 +114,8 @@ def labelled_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     head = chunkable_head(module) if chunk_tokens > 0 and accepts_logits_to_keep(model) else None
     if head is None:
         logits, targets = supervised_logits_and_targets(model, batch, device)
-        labelled = int(np.count_nonzero(batch["labels"].numpy()[:, 1:] != IGNORE_INDEX))
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"), labelled
+        return (F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"),
+                labelled_tokens(batch["labels"]))
     positions = predicting_positions(batch["labels"])
     flat = batch["labels"][:, positions + 1].reshape(-1)
     index = torch.from_numpy(np.flatnonzero(flat.numpy() != IGNORE_INDEX))

@@ -92,15 +92,16 @@ def check_finite_state(engine, device: torch.device, what: str, also_sum: Sequen
     return sums
 
 
-def _guards_itself(engine) -> bool:
-    """Whether DeepSpeed discards a step with non-finite gradients itself (ZeRO stages 1-3, its bf16 optimizer)."""
+def wrapped_by_deepspeed(engine) -> bool:
+    """Whether a DeepSpeed optimizer wraps the torch one (ZeRO stages 1-3, its bf16 and fp16 optimizers): it discards a
+    step with non-finite gradients itself and keeps the step's global gradient norm."""
     return engine.zero_optimization_stage() > 0 or _base_optimizer(engine) is not engine.optimizer
 
 
 def nonfinite_gradients(engine, device: torch.device) -> torch.Tensor | float:
     """At stage 0 with the plain torch optimizer: 1.0 (a device scalar) if this rank's accumulated gradient holds a
     NaN or an infinity, else 0.0. Elsewhere 0.0: DeepSpeed discards such a step itself."""
-    if _guards_itself(engine):
+    if wrapped_by_deepspeed(engine):
         return 0.0
     grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
     return nonfinite_flags(grads, device).amax() if grads else 0.0

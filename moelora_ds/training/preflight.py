@@ -17,6 +17,7 @@ from moelora_ds.checkpoints.locate import CHECKPOINTS, CheckpointError, read_run
 from moelora_ds.checkpoints.reshard import needs_universal
 from moelora_ds.config import ConfigError, RunConfig
 from moelora_ds.models.loading import gguf_cache_dir, gguf_path, meta_model, resolve_model_dir
+from moelora_ds.telemetry.trackers import missing
 from moelora_ds.training.deepspeed_config import build_deepspeed_config
 
 
@@ -68,9 +69,20 @@ def resume_needs_universal(config: RunConfig, checkpoint_dir: Path, world_size: 
         raise ConfigError(f"{config.source}: train.grad_accum: {error}") from None
 
 
+def check_report_to(config: RunConfig) -> None:
+    """A ConfigError naming train.report_to and the extra to install for each requested tracker not installed."""
+    absent = missing(config.train.report_to)
+    if absent:
+        installs = " and ".join(f"`pip install moelora-ds[{name}]`" for name in absent)
+        raise ConfigError(f"{config.source}: train.report_to: {', '.join(absent)} "
+                          f"{'is' if len(absent) == 1 else 'are'} not installed; run {installs}, or remove "
+                          f"{'it' if len(absent) == 1 else 'them'} from train.report_to")
+
+
 def preflight(config: RunConfig) -> None:
-    """Every check that needs no process group: the DeepSpeed config agrees, target_modules match the model,
-    the checkpoint to resume from exists."""
+    """Every check that needs no process group: the trackers are installed, the DeepSpeed config agrees,
+    target_modules match the model, the checkpoint to resume from exists."""
+    check_report_to(config)
     build_deepspeed_config(config)
     check_target_modules(config)
     resume_point(config)

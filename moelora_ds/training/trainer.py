@@ -40,8 +40,11 @@ from moelora_ds.evaluation.evaluate import evaluate_run
 from moelora_ds.models.loading import load_base_model, load_tokenizer, local_model_dir
 from moelora_ds.telemetry.expert_health import ExpertHealth
 from moelora_ds.telemetry.metrics import MetricsLogger
+from moelora_ds.telemetry.step_figures import StepFigures
+from moelora_ds.telemetry.trackers import open_trackers
 from moelora_ds.training.deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
-from moelora_ds.training.loss import causal_lm_loss, host_to_device
+from moelora_ds.training.grad_norm import grad_norm_share, own_grad_norm
+from moelora_ds.training.loss import causal_lm_loss, host_to_device, labelled_tokens
 from moelora_ds.training.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
 from moelora_ds.training.optimizers import build_optimizer, undo_state_initialization_step
 from moelora_ds.training.preflight import resume_needs_universal, resume_point
@@ -72,6 +75,11 @@ def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
 class StepStats:
     loss: float
     tokens: int
+    """This rank's non-padding tokens."""
+    labelled: int
+    """This rank's tokens the loss is taken over."""
+    grad_norm: Optional[torch.Tensor | float]
+    """This rank's share of the global gradient norm before clipping (grad_norm.grad_norm_share), or None."""
     skipped: Optional[str]
     """Why the step's update was discarded (nonfinite.StepGuard.outcome), or None."""
 
@@ -117,6 +125,8 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler_factory(config.scheduler, self.total_steps),
             config=self.ds_config)
         undo_state_initialization_step(self.engine.optimizer)
+        self.figures = StepFigures(self.engine.module, self.engine.bfloat16_enabled() or self.engine.fp16_enabled(),
+                                   self.world_size)
         self.step = 0
         self.preemption = PreemptionFlag()
         self.health: Optional[ExpertHealth] = None
@@ -221,10 +231,11 @@ class Trainer:
         """
         guard = StepGuard(self.config.train.nonfinite, self.step + 1)
         micro_batches = self.config.train.grad_accum
-        losses, tokens = [], 0
+        losses, tokens, labelled = [], 0, 0
         for micro in range(micro_batches):
             batch = next(batch_iter)
             tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
+            labelled += labelled_tokens(batch["labels"])
             recording = (self.health.recording(host_to_device(batch["attention_mask"], self.device))
                          if self.health is not None else nullcontext())
             with recording:
@@ -241,17 +252,22 @@ class Trainer:
         loss_sum, *nonfinite, bad_grads = all_sum(
             [step_losses.sum(), *nonfinite_losses, nonfinite_gradients(self.engine, self.device)], self.device)
         guard.losses(nonfinite, self.world_size)
+        own_norm = own_grad_norm(self.engine)
         if bad_grads:
             discard_gradients(self.engine)
         self.engine.step()
         skipped = guard.outcome(self.engine.was_step_applied(), bool(bad_grads), self.engine.get_global_grad_norm(),
                                 self.engine.fp16_enabled(), self.scheduler.step)
-        return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, skipped=skipped)
+        return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, labelled=labelled,
+                         grad_norm=grad_norm_share(self.engine, own_norm, self.rank), skipped=skipped)
 
     def train(self) -> int:
         """Resume, run the steps (update, record, evaluate, log, checkpoint), then checkpoint and evaluate the end."""
         self.resume()
-        logger = MetricsLogger(self.output_dir, self.total_steps, self.step) if self.rank == 0 else None
+        logger = None
+        if self.rank == 0:
+            trackers = open_trackers(self.config.train, self.output_dir, self.run_info())
+            logger = MetricsLogger(self.output_dir, self.total_steps, self.step, trackers=trackers)
         if self.config.health.enabled:
             self.health = ExpertHealth(self.engine.module, self.config.health, self.device, first_step=self.step + 1)
         batch_iter = iter(self.batches)
@@ -284,11 +300,13 @@ class Trainer:
         started = time.perf_counter()
         stats = self.train_step(batch_iter)
         self.step += 1
-        tokens, preempted = check_finite_state(self.engine, self.device, f"after step {self.step}",
-                                               also_sum=[stats.tokens, float(self.preemption.raised)])
-        tokens_per_s = tokens / (time.perf_counter() - started)
-        record = {"step": self.step, "loss": stats.loss, "lr": lr, "tokens_per_s": tokens_per_s,
-                  "epoch": self.batches.state_dict()["epoch"]}
+        known_norm = stats.grad_norm is not None  # the same on every rank
+        tokens, labelled, preempted, grad_norm = check_finite_state(
+            self.engine, self.device, f"after step {self.step}", also_sum=[
+                stats.tokens, stats.labelled, float(self.preemption.raised), stats.grad_norm if known_norm else 0.0])
+        record = {"step": self.step, "loss": stats.loss, "lr": lr, "epoch": self.batches.state_dict()["epoch"],
+                  **self.figures.step(time.perf_counter() - started, tokens, labelled,
+                                      grad_norm if known_norm else None)}
         if stats.skipped:
             record["skipped"] = stats.skipped
             if logger is not None:
@@ -297,12 +315,14 @@ class Trainer:
                          and not last)
         if evaluated:
             record.update(self.evaluate())
-        logged = self.step % train.log_every == 0 or last or evaluated
-        if logged and self.health is not None:
+        health_due = self.health is not None and (self.step % self.config.health.every == 0 or last)
+        if health_due:
             self.health.interval(self.step, record, logger)
+        logged = self.step % train.log_every == 0 or last or evaluated or health_due
         if logger is not None:
-            logger.advance(self.step, stats.loss, lr, tokens_per_s)
+            logger.advance(self.step, stats.loss, lr, record["tokens_per_s"])
             if logged:
+                self.figures.logged(record)
                 logger.log(record)
         return record, bool(preempted)
 

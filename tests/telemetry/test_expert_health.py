@@ -101,13 +101,18 @@ def test_single_expert_layers_never_alarm():
 
 
 class ScalarLog:
-    """Stands in for TensorBoard's SummaryWriter (not installed here): the (tag, step) of every scalar."""
+    """Stands in for the run's trackers (MetricsLogger's `trackers`): the (tag, step) of every scalar and the artifacts
+    handed over at close."""
 
     def __init__(self) -> None:
         self.scalars: list[tuple[str, int]] = []
+        self.artifacts: list[str] = []
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars.append((tag, step))
+    def log_metrics(self, values: dict, step: int) -> None:
+        self.scalars += [(tag, step) for tag in values]
+
+    def log_artifacts(self, paths) -> None:
+        self.artifacts += [path.name for path in paths]
 
     def close(self) -> None:
         pass
@@ -120,8 +125,8 @@ def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_pat
     with torch.no_grad():
         q_proj.router.weight.zero_()  # ties every logit: top-1 always picks expert 0
     health = ExpertHealth(model, HealthConfig(patience=2), torch.device("cpu"), first_step=1)
-    logger = MetricsLogger(tmp_path, total_steps=2, start_step=0)
-    logger.tensorboard = ScalarLog()
+    trackers = ScalarLog()
+    logger = MetricsLogger(tmp_path, total_steps=2, start_step=0, trackers=trackers)
     ids = torch.randint(0, 300, (2, 9))
     for step in (1, 2, 3, 4):
         if step == 3:  # layer 0 collapses too: its alarm goes off at step 4, recorded but not printed again
@@ -148,7 +153,8 @@ def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_pat
     assert sorted(saved["layers"][1]["share"]) == [0.0, 0.0, 0.0, 1.0]  # one expert (ties break by index)
     assert (tmp_path / "expert_health.png").stat().st_size > 0
     assert {"health/model.layers.1.self_attn.q_proj/share_3", "health/model.layers.0.self_attn.q_proj/entropy",
-            "dead_experts", "loss"} <= {tag for tag, step in logger.tensorboard.scalars if step == 2}
+            "dead_experts", "loss"} <= {tag for tag, step in trackers.scalars if step == 2}
+    assert trackers.artifacts == ["expert_health.json", "expert_health.png", "loss_curve.png"]
 
 
 def test_a_non_finite_interval_is_left_out_of_the_run_totals(tmp_path):
