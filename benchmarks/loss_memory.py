@@ -24,7 +24,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import BENCH_DIR, command_line, machine_lines, markdown_table, update_results  # noqa: E402
+from bench_utils import (  # noqa: E402
+    BENCH_DIR,
+    command_line,
+    machine_lines,
+    markdown_table,
+    save_figure,
+    update_results,
+)
 
 MODES = {"full logits": 0}
 """Mode name: train.loss_chunk_tokens (the chunked mode's is --chunk)."""
@@ -83,6 +90,18 @@ def measure_speed(args, modes: dict[str, int]) -> dict[str, float]:
     return {name: tokens / statistics.median(values) for name, values in times.items()}
 
 
+def plot(loss_peak: dict[str, float], speed: dict[str, float], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
+    names = list(loss_peak)
+    left.bar(names, [loss_peak[n] for n in names], color=["tab:red", "tab:blue"])
+    left.set_ylabel("step peak above the baseline (MiB)")
+    right.bar(names, [speed[n] for n in names], color=["tab:red", "tab:blue"])
+    right.set_ylabel("tokens/s")
+    save_figure(fig, "One training step: full-vocabulary logits vs chunks through the head", path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=128256)
@@ -94,6 +113,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="vocab 4096, 2 x 256 tokens, chunk 128, 2 rounds")
     parser.add_argument("--results", type=Path, default=None, help="RESULTS.md to update (default: the repo's, "
                                                                    "not with --smoke)")
+    parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/loss_memory.png (none under "
+                                                                "--smoke)")
     parser.add_argument("--memory-of", type=int, default=None, help=argparse.SUPPRESS)  # child: one mode's memory
     args = parser.parse_args()
     if args.smoke:
@@ -106,8 +127,8 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     modes = {**MODES, f"chunks of {args.chunk}": args.chunk}
-    passed = [a for a in sys.argv[1:] if a != "--smoke"] + (["--vocab", str(args.vocab), "--seq", str(args.seq),
-                                                              "--chunk", str(args.chunk)] if args.smoke else [])
+    passed = ["--vocab", str(args.vocab), "--seq", str(args.seq), "--batch", str(args.batch), "--threads",
+              str(args.threads)]
     memory = {}
     for name, chunk in modes.items():
         out = subprocess.run([sys.executable, __file__, *passed, "--memory-of", str(chunk)], capture_output=True,
@@ -126,15 +147,18 @@ def main() -> None:
     print(table)
     print(verdict)
     results = args.results or (None if args.smoke else BENCH_DIR / "RESULTS.md")
+    plot_path = args.plot or (None if args.smoke else BENCH_DIR / "loss_memory.png")
+    if plot_path is not None:
+        plot(loss_peak, speed, plot_path)
     if results is None:
         return
-    body = ["## Loss memory: full-vocabulary logits vs chunks through the head (`loss_memory`)", "",
-            f"- command: `{command_line()}`", *machine_lines(["transformers"], load_before),
+    body = ["## Loss memory: full-vocabulary logits vs chunks through the head", "",
+            f"Command: `{command_line()}`", "", *machine_lines(["transformers"], load_before),
             f"- Llama shape, vocabulary {args.vocab}, hidden 64, 2 layers, MoE-LoRA E=4 r=8 top-2 on q/k/v/o, fp32, "
             f"micro-batch {args.batch} x {args.seq} tokens, all labelled; memory in a fresh process per mode "
             f"(peak RSS during one step minus RSS before it), speed {args.reps} interleaved rounds, median", "",
             table, "", verdict]
-    update_results(results, "loss_memory", "\n".join(body))
+    update_results(results, "loss_memory", "\n".join(body), plot=plot_path)
     print(f"wrote {results}")
 
 

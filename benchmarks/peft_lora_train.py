@@ -43,8 +43,16 @@ def parse_args(argv=None):
 
 
 def add_peft_lora(model: nn.Module, targets, rank: int, alpha: float, dropout: float, dtype: torch.dtype) -> None:
+    """PEFT LoRA on the linears `targets` (moelora.target_modules, its presets resolved for this model) selects."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from moelora_ds.adapters.config import MoELoRAConfig
+    from moelora_ds.adapters.inject import find_target_linears
+    from moelora_ds.adapters.targets import PRESETS
+
+    if targets in PRESETS:
+        targets = sorted({path.rsplit(".", 1)[-1] for path in find_target_linears(model, MoELoRAConfig(
+            target_modules=targets))})
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                                        bias="none"), model)
     for name, param in model.named_parameters():

@@ -24,6 +24,7 @@ SCRIPTS = {
     "export_memory.py": ("| mode | max shard | shards | largest shard MiB |", 2, "export_memory"),
     "health_cost.py": ("| health | CPU ms/step | vs off (paired) |", 2, "health_cost"),
     "attention.py": ("| dtype | attention | CPU ms/step | speed vs SDPA |", 5, "attention"),
+    "loss_memory.py": ("| loss | RSS before step MiB | peak RSS MiB | step peak MiB | tokens/s |", 2, "loss_memory"),
 }
 
 

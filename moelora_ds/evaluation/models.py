@@ -31,7 +31,8 @@ def _ready(model: torch.nn.Module, ds_config: Optional[dict]) -> torch.nn.Module
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=None, config=ds_config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval returns None
+    return engine
 
 
 def _partitioning(config: RunConfig) -> Optional[dict]:

@@ -105,7 +105,8 @@ def test_console_script_writes_json_and_png_for_an_adapter_export(tiny_model_dir
     assert f"routing of {LAYERS} layers" in run.stdout
     saved = json.loads((tmp_path / "out" / "routing.json").read_text())
     assert (tmp_path / "out" / "routing.png").stat().st_size > 0
-    assert saved["model"] == f"adapter export {adapter_dir}" and list(saved["groups"]) == [ALL, "A", "B", "C", "D"]
+    assert saved["model"] == f"adapter export {adapter_dir} (ZeRO-3 partitioned)"
+    assert list(saved["groups"]) == [ALL, "A", "B", "C", "D"]
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
     want = report_of(reloaded, DataConfig(eval_path=str(tiny_mc_data["test"]), max_length=96), tiny_tokenizer)
     for label, group in saved["groups"].items():
