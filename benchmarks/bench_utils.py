@@ -154,12 +154,23 @@ def git_revision() -> str:
         return "unknown"
 
 
+def cpu_kind() -> str:
+    """The CPU's kind as it decides the precision: its bf16/AVX flags and torch's CPU capability."""
+    from moelora_ds.training.precision import cpu_flags
+
+    flags = cpu_flags()
+    named = [flag for flag in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if flag in flags]
+    return f"flags {' '.join(named) or 'none of amx_bf16/avx512_bf16/avx512f/avx2'}, torch CPU capability " \
+           f"{torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine_lines(packages: Sequence[str], load_before: tuple[float, float, float]) -> list[str]:
     """Markdown bullet lines: CPU, cores, threads, versions, git revision, load average around the run."""
     load_after = os.getloadavg()
     versions = ", ".join(f"{name} {package_version(name)}" for name in packages)
     return [
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"- machine: {cpu_model()} ({cpu_kind()}), {os.cpu_count()} logical cores, torch threads "
+        f"{torch.get_num_threads()}",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, {versions}",
         f"- code: git {git_revision()}; measured {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- load average (1/5/15 min) before: {'/'.join(f'{v:.2f}' for v in load_before)}, "
