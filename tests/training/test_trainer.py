@@ -257,8 +257,9 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
 @pytest.mark.parametrize("name,plain,lr", [("riemannian_sgd", "sgd", 0.2), ("riemannian_adamw", "adamw", 1e-2)])
 def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, name, plain, lr,
                                          stage):
-    """bf16 at ZeRO-0 and ZeRO-3 tracks the fp32 single-process reference within bf16 noise, and far closer than
-    the same reference without preconditioning is (so the bf16 path really preconditions)."""
+    """bf16 at ZeRO-0 and ZeRO-3 tracks the fp32 single-process reference within bf16 noise (as measured by the
+    reference itself under bf16 autocast), and far closer than the same reference without preconditioning is (so
+    the bf16 path really preconditions)."""
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": name, "lr": lr},
                         scheduler={"name": "constant", "warmup_steps": 0}, deepspeed=f"ds_configs/zero{stage}.json")
     reference = reference_run(config, WORLD_SIZE).adapters
@@ -266,7 +267,9 @@ def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path,
     error = global_relative_error(checkpoint_adapters(tmp_path / "out"), reference)
     plain = reference_run({**config, "optimizer": {**config["optimizer"], "name": plain}}, WORLD_SIZE).adapters
     gap = global_relative_error(plain, reference)
-    assert error < bf16_bound(gap), f"bf16 error {error:.3f}, unpreconditioned gap {gap:.3f}"
+    noise = global_relative_error(reference_run(config, WORLD_SIZE, bf16_autocast=True).adapters, reference)
+    assert error < bf16_bound(gap, noise), (f"bf16 error {error:.3f}, the reference under bf16 autocast {noise:.3f}, "
+                                            f"unpreconditioned gap {gap:.3f}")
 
 
 @pytest.mark.distributed
