@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,7 +104,11 @@ def prepare(preparation: Preparation, tokenizer, cache_dir: str, workers: Option
     workers = workers or default_workers()
     log(f"[moelora-ds] preparing {', '.join(preparation.sources)} once into {directory} ({workers} worker "
         f"process{'es' if workers > 1 else ''})")
-    return build(preparation, tokenizer, directory, key, workers), True
+    started = time.perf_counter()
+    examples = build(preparation, tokenizer, directory, key, workers)
+    log(f"[moelora-ds] prepared {examples.stats['records']} records into {examples.stats['examples']} examples of "
+        f"{examples.stats['tokens']} tokens in {time.perf_counter() - started:.1f} s")
+    return examples, True
 
 
 def build(preparation: Preparation, tokenizer, directory: Path, key: str, workers: int) -> PreparedExamples:
