@@ -1,4 +1,4 @@
-"""Console scripts: moelora-train, moelora-eval, moelora-export."""
+"""Console scripts: moelora-train, moelora-eval, moelora-export, moelora-prepare."""
 
 from __future__ import annotations
 
@@ -101,6 +101,47 @@ def export_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _prepare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelora-prepare",
+        description="Tokenize a config's training and evaluation data once into data.cache_dir, where training "
+                    "and evaluation memory-map it (say, on a CPU node before the GPU job starts). "
+                    "--section.key=value overrides apply as in training.")
+    parser.add_argument("--config", help="YAML or JSON configuration file (model and data sections are used)")
+    return parser
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 prepared (or already prepared), 2 configuration or data error."""
+    args, overrides = _prepare_parser().parse_known_args(argv)
+    from moelora_ds.data.prepare import Preparation, prepare
+    from moelora_ds.models.loading import load_tokenizer, local_model_dir
+
+    try:
+        config = load_config(args.config, overrides)
+        tokenizer = load_tokenizer(local_model_dir(config.model))
+    except ConfigError as error:
+        say(f"moelora-prepare: configuration error: {error}", sys.stderr)
+        return 2
+    data = config.data
+    for key, paths, limit in (("data.train_path", data.train_path, None),
+                              ("data.eval_path", data.eval_path, data.eval_max_samples)):
+        if not paths:
+            continue
+        try:
+            examples, built = prepare(Preparation.of(paths, data, limit), tokenizer, data.cache_dir,
+                                      data.prepare_workers)
+        except (OSError, ValueError) as error:
+            say(f"moelora-prepare: data error: {key}: {error}", sys.stderr)
+            return 2
+        stats = examples.stats
+        print(f"moelora-prepare: {key}: {examples.directory} ({'prepared now' if built else 'already prepared'}): "
+              f"{stats['records']} {stats['format']} records, {stats['examples']} examples, {stats['tokens']} tokens, "
+              f"{stats['truncated']} truncated, {stats['dropped']} dropped (data.max_length={data.max_length}, "
+              f"data.overlong={data.overlong})", flush=True)
+    return 0
+
+
 def _eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelora-eval",
@@ -139,7 +180,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     from moelora_ds.checkpoints.locate import CheckpointError
     from moelora_ds.distributed.process_group import init_distributed, local_rank
-    from moelora_ds.evaluation.evaluate import evaluate_run
+    from moelora_ds.evaluation.evaluate import evaluate_run, prepare_eval_set
     from moelora_ds.evaluation.models import load_for_eval
 
     rank, world_size = init_distributed()
@@ -151,7 +192,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         if args.routing_report:  # first: a model without routed layers fails before the evaluation's time is spent
             _routing_report(args.routing_report, config, getattr(model, "module", model), tokenizer, what, rank,
                             world_size)
-        result = evaluate_run(model, config.data, tokenizer, rank=rank, world_size=world_size,
+        eval_set = prepare_eval_set(config.data, tokenizer)
+        result = evaluate_run(model, eval_set, tokenizer, rank=rank, world_size=world_size,
                               micro_batch_size=config.train.micro_batch_size,
                               chunk_tokens=config.train.loss_chunk_tokens)
         if rank == 0:

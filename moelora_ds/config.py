@@ -81,8 +81,9 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = "data/wordnet/train.jsonl"
-    """Training data: a .json/.jsonl/.parquet/.csv file or a `datasets.save_to_disk` directory."""
+    train_path: Union[str, list[str]] = "data/wordnet/train.jsonl"
+    """Training data: a .json/.jsonl/.parquet/.csv file or a `datasets.save_to_disk` directory, or a list of them
+    (concatenated in order)."""
     eval_path: Optional[str] = "data/wordnet/test.jsonl"
     """Evaluation data (same forms); null disables evaluation."""
     format: Literal["auto", "chat", "prompt_completion", "text"] = "auto"
@@ -102,6 +103,13 @@ class DataConfig:
     """Answer letters scored for multiple-choice accuracy."""
     eval_max_samples: Optional[int] = None
     """Evaluate on at most this many records; null uses all."""
+    cache_dir: str = ".cache/moelora-data"
+    """Where tokenized data is prepared once and memory-mapped by every rank (README, "Prepared data"); a changed
+    file, tokenizer or tokenization setting prepares anew."""
+    cache_node_local: bool = False
+    """cache_dir is on a disk of each node (not shared): every node's first rank prepares its own copy."""
+    prepare_workers: Optional[int] = None
+    """Processes that tokenize while data is prepared; null: one per CPU core, at most 8."""
 
 
 @dataclass
@@ -361,6 +369,11 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"{src}: train.report_to: expected each tracker once, got {train.report_to}")
     if train.run_name is not None and not train.run_name.strip():
         raise ConfigError(f"{src}: train.run_name: expected a name or null (the output directory's name), got ''")
+    if config.data.prepare_workers is not None and config.data.prepare_workers < 1:
+        raise ConfigError(f"{src}: data.prepare_workers: expected a positive number or null, "
+                          f"got {config.data.prepare_workers}")
+    if config.data.train_path == []:
+        raise ConfigError(f"{src}: data.train_path: expected a path or a non-empty list of paths")
     if not config.data.choices or len(set(config.data.choices)) != len(config.data.choices):
         raise ConfigError(f"{src}: data.choices: expected distinct answer labels, got {config.data.choices}")
     health = config.health

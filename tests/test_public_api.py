@@ -40,11 +40,16 @@ def test_documented_module_is_runnable(module):
     assert spec is not None and spec.origin.endswith(".py"), module
 
 
-def test_console_scripts_are_installed_and_point_at_the_cli():
-    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
-               if ep.name.startswith("moelora-")}
-    assert scripts == {"moelora-train": "moelora_ds.cli:train_command", "moelora-eval": "moelora_ds.cli:eval_command",
-                       "moelora-export": "moelora_ds.cli:export_main"}
-    for name, target in scripts.items():
+def test_console_scripts_are_declared_installed_and_point_at_the_cli():
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == {"moelora-train": "moelora_ds.cli:train_command", "moelora-eval": "moelora_ds.cli:eval_command",
+                        "moelora-export": "moelora_ds.cli:export_main",
+                        "moelora-prepare": "moelora_ds.cli:prepare_main"}
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
+                 if ep.name.startswith("moelora-")}
+    assert installed and all(declared.get(name) == target and shutil.which(name) for name, target in installed.items())
+    for target in declared.values():
         module, attribute = target.split(":")
-        assert callable(getattr(importlib.import_module(module), attribute)) and shutil.which(name), name
+        assert callable(getattr(importlib.import_module(module), attribute)), target

@@ -24,6 +24,10 @@ class ShardedBatches:
     permutation; the packed rows are then shuffled per epoch like examples (collate.pack_examples says
     how their examples are kept from attending to each other).
 
+    Everything works on example indices and the examples' lengths: `examples` is a list of examples or the
+    memory-mapped prepared examples (prepared.PreparedExamples, whose `lengths` array is used), and an example
+    is read only when a batch that holds it is drawn, so this object's memory is a few integers per example.
+
     `state_dict()` is the position of the next batch; `load_state_dict` continues exactly there
     (positions are counted in global batches, so resume with the same micro_batch_size * world_size).
     """
@@ -34,18 +38,16 @@ class ShardedBatches:
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got "
                              f"micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}")
-        if not examples:
+        if not len(examples):
             raise ValueError("ShardedBatches got no examples (were they all dropped as longer than max_length?)")
-        longest = max(len(e["input_ids"]) for e in examples)
-        if longest > max_length:
-            raise ValueError(f"an example has {longest} tokens, more than max_length={max_length}")
-        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        lengths = getattr(examples, "lengths", None)
+        lengths = np.asarray([len(e["input_ids"]) for e in examples] if lengths is None else lengths)
+        if lengths.max() > max_length:
+            raise ValueError(f"an example has {lengths.max()} tokens, more than max_length={max_length}")
+        self.examples, self.micro_batch_size, self.rank, self.world_size = examples, micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.packing, self.pad_token_id = seed, shuffle, packing, pad_token_id
-        if packing:
-            order = self._permutation(len(examples), epoch=-1) if shuffle else range(len(examples))
-            self.units: list[Example] = pack_examples([examples[i] for i in order], max_length)
-        else:
-            self.units = list(examples)
+        self.max_length = max_length
+        self.units = _Units(self, lengths)
         self._epoch, self._batch_index = 0, 0
         self._order_cache: tuple[int, Optional[np.ndarray]] = (-1, None)
 
@@ -93,3 +95,41 @@ class ShardedBatches:
             raise ValueError(f"data position {state} is outside epoch >= 0, 0 <= batch_index < "
                              f"{self.batches_per_epoch}; was the data set or the global batch size changed?")
         self._epoch, self._batch_index = epoch, index
+
+
+class _Units(Sequence):
+    """The training units as a lazy sequence: the examples, or (packing) rows of consecutive examples of the
+    packing order, their boundaries found from the lengths by the next-fit rule of collate.pack_examples."""
+
+    def __init__(self, batches: ShardedBatches, lengths: np.ndarray) -> None:
+        self.examples, self.max_length = batches.examples, batches.max_length
+        self.order: Optional[np.ndarray] = None
+        self.row_starts: Optional[np.ndarray] = None
+        if batches.packing:
+            n = len(lengths)
+            self.order = batches._permutation(n, epoch=-1) if batches.shuffle else np.arange(n)
+            self.row_starts = _next_fit_rows(lengths[self.order], batches.max_length)
+
+    def __len__(self) -> int:
+        return len(self.examples) if self.row_starts is None else len(self.row_starts) - 1
+
+    def __getitem__(self, index: int) -> Example:
+        if self.row_starts is None:
+            return self.examples[int(index)]
+        members = self.order[self.row_starts[index]:self.row_starts[index + 1]]
+        (row,) = pack_examples([self.examples[int(i)] for i in members], self.max_length)
+        return row
+
+
+def _next_fit_rows(lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Start positions (and the end) of the rows that next-fit packing of `lengths`, in order, makes."""
+    starts, used = [0], 0
+    for position, length in enumerate(lengths.tolist()):
+        if length == 0:
+            raise ValueError(f"example at packing position {position} has 0 tokens; packing needs 1..max_length")
+        if used + length > max_length:
+            starts.append(position)
+            used = 0
+        used += length
+    starts.append(len(lengths))
+    return np.asarray(starts, dtype=np.int64)

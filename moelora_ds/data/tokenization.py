@@ -8,16 +8,20 @@
 - text: tokenizer(text) followed by eos; labels on every token.
 With `label_eos=False` the end-of-turn / eos token stays in the input but gets label -100, so the loss is
 on the answer's own tokens only (for a one-letter answer, the letter).
+The tokenizer is called once per batch of records (`tokenize_batch`), as the prepared-data cache builds them.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from moelora_ds.data.collate import IGNORE_INDEX
-from moelora_ds.telemetry.progress import progress
 
 OVERLONG_POLICIES = ("truncate", "drop", "error")
+TOKEN_DTYPE = np.int32
+"""Token ids as stored and batched by the prepared-data cache (every vocabulary fits)."""
 
 
 def tokenize_records(records: Sequence[dict], format: str, tokenizer, max_length: int,
@@ -30,37 +34,51 @@ def tokenize_records(records: Sequence[dict], format: str, tokenizer, max_length
     `label_eos=False` masks the eos / end-of-turn tokens' labels.
     Returns the examples and {"examples", "truncated", "dropped"} counts.
     """
+    encoded, truncated, dropped = tokenize_batch(records, format, tokenizer, max_length, overlong, label_eos)
+    examples = [{"input_ids": ids.tolist(), "labels": np.where(labelled, ids, IGNORE_INDEX).tolist()}
+                for ids, labelled in encoded]
+    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def tokenize_batch(records: Sequence[dict], format: str, tokenizer, max_length: int, overlong: str = "truncate",
+                   label_eos: bool = True, first_index: int = 0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
+    """`tokenize_records` as arrays, with the tokenizer called once on the whole batch.
+
+    Returns each kept example as (token ids, labelled) arrays (TOKEN_DTYPE, bool; a labelled token's label
+    is the token itself, every other label is -100) and the truncated and dropped counts. Errors name a
+    record by `first_index` + its position in `records`.
+    """
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"unknown overlong policy {overlong!r}; expected one of {OVERLONG_POLICIES}")
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    encode = {"chat": _chat_example, "prompt_completion": _prompt_completion_example, "text": _text_example}.get(format)
+    encode = {"chat": _chat_examples, "prompt_completion": _prompt_completion_examples,
+              "text": _text_examples}.get(format)
     if encode is None:
         raise ValueError(f"unknown data format {format!r}; expected chat, prompt_completion or text")
-    examples: list[dict] = []
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     truncated = dropped = 0
-    for index, record in progress(enumerate(records), desc="tokenize", total=len(records), unit="record"):
-        input_ids, labels = encode(record, tokenizer, index)
+    for offset, (input_ids, labelled) in enumerate(encode(records, tokenizer, first_index)):
+        index = first_index + offset
+        ids = np.asarray(input_ids, dtype=TOKEN_DTYPE)
+        labelled = np.asarray(labelled, dtype=bool)
         if not label_eos:
-            labels = [IGNORE_INDEX if token == tokenizer.eos_token_id else label
-                      for token, label in zip(input_ids, labels)]
-            if all(label == IGNORE_INDEX for label in labels):
+            if tokenizer.eos_token_id is not None:
+                labelled &= ids != tokenizer.eos_token_id
+            if not labelled.any():
                 raise ValueError(f"record {index} has no answer token besides eos, so with the eos label off "
                                  f"(data.train_on_eos: false) there is nothing to learn from it")
-        if len(input_ids) > max_length:
+        if len(ids) > max_length:
             if overlong == "error":
-                raise ValueError(f"record {index} is {len(input_ids)} tokens long, more than max_length={max_length} "
+                raise ValueError(f"record {index} is {len(ids)} tokens long, more than max_length={max_length} "
                                  f"(raise max_length, or set overlong to 'truncate' or 'drop')")
-            if overlong == "drop":
+            if overlong == "drop" or not labelled[:max_length].any():
                 dropped += 1
                 continue
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                dropped += 1
-                continue
+            ids, labelled = ids[:max_length], labelled[:max_length]
             truncated += 1
-        examples.append({"input_ids": input_ids, "labels": labels})
-    return examples, {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+        kept.append((ids, labelled))
+    return kept, truncated, dropped
 
 
 def _with_eos(ids: list[int], tokenizer) -> list[int]:
@@ -68,15 +86,20 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _text_example(record: dict, tokenizer, index: int) -> tuple[list[int], list[int]]:
-    ids = _with_eos(tokenizer(record["text"], add_special_tokens=True)["input_ids"], tokenizer)
-    return ids, list(ids)
+def _text_examples(records: Sequence[dict], tokenizer, first_index: int) -> list[tuple[list[int], list[bool]]]:
+    encoded = tokenizer([record["text"] for record in records], add_special_tokens=True)["input_ids"]
+    return [(ids, [True] * len(ids)) for ids in (_with_eos(ids, tokenizer) for ids in encoded)]
 
 
-def _prompt_completion_example(record: dict, tokenizer, index: int) -> tuple[list[int], list[int]]:
-    prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-    completion = _with_eos(tokenizer(record["completion"], add_special_tokens=False)["input_ids"], tokenizer)
-    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+def _prompt_completion_examples(records: Sequence[dict], tokenizer,
+                                first_index: int) -> list[tuple[list[int], list[bool]]]:
+    prompts = tokenizer([record["prompt"] for record in records], add_special_tokens=True)["input_ids"]
+    completions = tokenizer([record["completion"] for record in records], add_special_tokens=False)["input_ids"]
+    examples = []
+    for prompt, completion in zip(prompts, completions):
+        completion = _with_eos(completion, tokenizer)
+        examples.append((prompt + completion, [False] * len(prompt) + [True] * len(completion)))
+    return examples
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -101,7 +124,7 @@ def assistant_spans(tokenizer, messages: list[dict], index: int = 0) -> tuple[st
         if message["role"] != "assistant":
             continue
         before = render_chat(tokenizer, messages[:turn], add_generation_prompt=True) if turn else ""
-        through = render_chat(tokenizer, messages[:turn + 1])
+        through = full if turn + 1 == len(messages) else render_chat(tokenizer, messages[:turn + 1])
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
             raise ValueError(f"record {index}: the chat template does not render the conversation up to message "
                              f"{turn} as a prefix of the whole conversation, so the assistant tokens cannot be "
@@ -115,17 +138,25 @@ def assistant_spans(tokenizer, messages: list[dict], index: int = 0) -> tuple[st
     return full, spans
 
 
-def _chat_example(record: dict, tokenizer, index: int) -> tuple[list[int], list[int]]:
-    messages = record["messages"]
-    if not any(m.get("role") == "assistant" for m in messages):
-        raise ValueError(f"record {index}: chat record has no assistant turn (nothing to learn from)")
+def _chat_examples(records: Sequence[dict], tokenizer, first_index: int) -> list[tuple[list[int], np.ndarray]]:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("chat data needs a fast (Rust `tokenizers`) tokenizer to map characters to tokens")
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template; use prompt_completion or text data instead")
-    text, spans = assistant_spans(tokenizer, messages, index)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
-    labels = [token if any(a < end and b > start for start, end in spans) else IGNORE_INDEX
-              for token, (a, b) in zip(input_ids, encoded["offset_mapping"])]
-    return input_ids, labels
+    texts, all_spans = [], []
+    for offset, record in enumerate(records):
+        messages = record["messages"]
+        if not any(m.get("role") == "assistant" for m in messages):
+            raise ValueError(f"record {first_index + offset}: chat record has no assistant turn (nothing to learn from)")
+        text, spans = assistant_spans(tokenizer, messages, first_index + offset)
+        texts.append(text)
+        all_spans.append(spans)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for input_ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans):
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        labelled = np.zeros(len(input_ids), dtype=bool)
+        for start, end in spans:
+            labelled |= (bounds[:, 0] < end) & (bounds[:, 1] > start)
+        examples.append((input_ids, labelled))
+    return examples

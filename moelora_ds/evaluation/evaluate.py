@@ -10,12 +10,15 @@ parameters).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from moelora_ds.data.collate import IGNORE_INDEX, pad_batch
-from moelora_ds.data.records import load_records, tokenize_as_configured
+from moelora_ds.data.prepare import Preparation
+from moelora_ds.data.records import load_records
+from moelora_ds.data.shared import prepare_for_ranks
 from moelora_ds.data.tokenization import render_chat
 from moelora_ds.distributed.process_group import all_sum
 from moelora_ds.telemetry.progress import progress
@@ -45,9 +48,9 @@ def eval_batches(examples: Sequence[Mapping[str, Sequence[int]]], *, micro_batch
     Every rank gets the same number of batches; a rank with nothing left gets a padding batch whose
     labels are all -100, so it adds nothing to the loss.
     """
-    if not examples:
+    if not len(examples):
         raise ValueError("no examples to evaluate")
-    mine = list(examples[rank::world_size])
+    mine = [examples[i] for i in range(rank, len(examples), world_size)]
     count = math.ceil(math.ceil(len(examples) / world_size) / micro_batch_size)
     batches = []
     for b in range(count):
@@ -186,17 +189,39 @@ def eval_records(data_config) -> tuple[list[dict], str]:
     return (records if limit is None else records[:limit]), fmt
 
 
-def evaluate_run(model: torch.nn.Module, data_config, tokenizer, *, rank: int, world_size: int,
+@dataclass
+class EvalSet:
+    """A run's evaluation data, prepared once: the examples the loss is taken on (memory-mapped) and, for
+    multiple-choice chat data, the records whose answers are scored (None otherwise)."""
+
+    examples: Sequence[Mapping[str, Sequence[int]]]
+    multiple_choice: Optional[list[dict]]
+    choices: list[str]
+
+
+def prepare_eval_set(data_config, tokenizer) -> EvalSet:
+    """`data_config.eval_path` (its first `eval_max_samples` records) prepared through the data cache on every
+    rank (data/shared.py); a DataError on every rank for bad input."""
+    limit: Optional[int] = data_config.eval_max_samples
+    examples = prepare_for_ranks(Preparation.of(data_config.eval_path, data_config, limit), tokenizer, data_config,
+                                 "data.eval_path")
+    records = None
+    if examples.stats["format"] == "chat":
+        records, _ = eval_records(data_config)
+        if not is_multiple_choice(records, data_config.choices):
+            records = None
+    return EvalSet(examples, records, list(data_config.choices))
+
+
+def evaluate_run(model: torch.nn.Module, eval_set: EvalSet, tokenizer, *, rank: int, world_size: int,
                  micro_batch_size: int, chunk_tokens: int = 0) -> dict:
-    """The training run's evaluation of `data_config.eval_path`: {"eval_loss"} and, for multiple-choice
-    chat data whose answers are `data_config.choices`, {"accuracy", "predicted"} (predictions per choice)."""
-    records, fmt = eval_records(data_config)
-    examples, _ = tokenize_as_configured(records, fmt, tokenizer, data_config)
-    batches = eval_batches(examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+    """The training run's evaluation of its prepared eval set: {"eval_loss"} and, for multiple-choice chat data,
+    {"accuracy", "predicted"} (predictions per choice)."""
+    batches = eval_batches(eval_set.examples, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            pad_token_id=tokenizer.pad_token_id)
     result = {"eval_loss": evaluate_loss(model, batches, world_size=world_size, chunk_tokens=chunk_tokens)}
-    if fmt == "chat" and is_multiple_choice(records, data_config.choices):
-        scores = multiple_choice_accuracy(model, tokenizer, records, data_config.choices, micro_batch_size, rank,
-                                          world_size)
+    if eval_set.multiple_choice is not None:
+        scores = multiple_choice_accuracy(model, tokenizer, eval_set.multiple_choice, eval_set.choices,
+                                          micro_batch_size, rank, world_size)
         result.update(accuracy=scores["accuracy"], predicted=scores["predicted"])
     return result

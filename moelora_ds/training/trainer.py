@@ -34,9 +34,11 @@ from moelora_ds.checkpoints.reshard import (
 from moelora_ds.checkpoints.save_load import load_checkpoint, save_checkpoint
 from moelora_ds.config import RunConfig, advisories, config_to_dict
 from moelora_ds.data.batches import ShardedBatches
-from moelora_ds.data.records import DataError, load_records, tokenize_as_configured
+from moelora_ds.data.prepare import Preparation
+from moelora_ds.data.records import DataError
+from moelora_ds.data.shared import prepare_for_ranks
 from moelora_ds.distributed.process_group import all_sum, init_distributed, local_rank
-from moelora_ds.evaluation.evaluate import evaluate_run
+from moelora_ds.evaluation.evaluate import evaluate_run, prepare_eval_set
 from moelora_ds.models.loading import load_base_model, load_tokenizer, local_model_dir
 from moelora_ds.telemetry.expert_health import ExpertHealth
 from moelora_ds.telemetry.metrics import MetricsLogger
@@ -111,6 +113,7 @@ class Trainer:
         self.model_dir = local_model_dir(config.model, is_converter=local_rank() == 0, barrier=dist.barrier)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.batches = self._batches_or_error_on_every_rank()
+        self.eval_set = prepare_eval_set(config.data, self.tokenizer) if config.data.eval_path else None
         self.total_steps = self._total_steps()
         self.resume_point = resume_point(config)
         self.universal = self.resume_point is not None and resume_needs_universal(config, self._resume_dir(),
@@ -145,14 +148,11 @@ class Trainer:
 
     def _build_batches(self) -> ShardedBatches:
         data = self.config.data
+        examples = prepare_for_ranks(Preparation.of(data.train_path, data), self.tokenizer, data, "data.train_path")
+        stats = examples.stats
         try:
-            records, fmt = load_records(data.train_path, data.format)
-        except (OSError, ValueError) as error:
-            raise DataError(f"data.train_path: {error}") from None
-        try:
-            examples, stats = tokenize_as_configured(records, fmt, self.tokenizer, data)
-            if not examples:
-                raise ValueError(f"all {len(records)} records were dropped as longer than "
+            if not len(examples):
+                raise ValueError(f"all {stats['records']} records were dropped as longer than "
                                  f"data.max_length={data.max_length} (data.overlong={data.overlong})")
             batches = ShardedBatches(examples, micro_batch_size=self.config.train.micro_batch_size, rank=self.rank,
                                      world_size=self.world_size, seed=self.config.train.seed, shuffle=data.shuffle,
@@ -161,9 +161,10 @@ class Trainer:
         except ValueError as error:
             raise DataError(f"data.train_path: {data.train_path}: {error}") from None
         if self.rank == 0:
-            print(f"[moelora-ds] {data.train_path}: {len(records)} {fmt} records, {stats['examples']} examples "
-                  f"({stats['truncated']} truncated, {stats['dropped']} dropped as longer than "
-                  f"data.max_length={data.max_length}, data.overlong={data.overlong})", flush=True)
+            print(f"[moelora-ds] {data.train_path}: {stats['records']} {stats['format']} records, {stats['examples']} "
+                  f"examples of {stats['tokens']} tokens ({stats['truncated']} truncated, {stats['dropped']} dropped "
+                  f"as longer than data.max_length={data.max_length}, data.overlong={data.overlong}), prepared in "
+                  f"{examples.directory}", flush=True)
         return batches
 
     def _total_steps(self) -> int:
@@ -336,8 +337,8 @@ class Trainer:
                 logger.write(f"[moelora-ds] final evaluation: {final}")
 
     def evaluate(self) -> dict:
-        return evaluate_run(self.engine, self.config.data, self.tokenizer, rank=self.rank,
-                            world_size=self.world_size, micro_batch_size=self.config.train.micro_batch_size,
+        return evaluate_run(self.engine, self.eval_set, self.tokenizer, rank=self.rank, world_size=self.world_size,
+                            micro_batch_size=self.config.train.micro_batch_size,
                             chunk_tokens=self.config.train.loss_chunk_tokens)
 
 

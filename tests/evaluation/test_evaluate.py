@@ -21,6 +21,7 @@ from moelora_ds.evaluation.evaluate import (
     evaluate_run,
     multiple_choice_accuracy,
     multiple_choice_predictions,
+    prepare_eval_set,
 )
 
 from conftest import REPO, build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
@@ -129,14 +130,18 @@ def test_eval_batches_pad_short_shards_without_adding_tokens():
 def test_evaluate_run_on_multiple_choice_and_text(tmp_path, model, tiny_tokenizer):
     records = multiple_choice_records(6)
     config = DataConfig(eval_path=str(write_jsonl(tmp_path / "mc.jsonl", records)), format="auto",
-                        max_length=64, overlong="truncate", choices=list(LETTERS), eval_max_samples=5)
-    result = evaluate_run(model, config, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)
+                        max_length=64, overlong="truncate", choices=list(LETTERS), eval_max_samples=5,
+                        cache_dir=str(tmp_path / "cache"), prepare_workers=1)
+    result = evaluate_run(model, prepare_eval_set(config, tiny_tokenizer), tiny_tokenizer, rank=0, world_size=1,
+                          micro_batch_size=2)
     assert set(result) == {"eval_loss", "accuracy", "predicted"} and math.isfinite(result["eval_loss"])
     first_five = multiple_choice_accuracy(model, tiny_tokenizer, records[:5])
     assert result["accuracy"] == first_five["accuracy"] and result["predicted"] == first_five["predicted"]
     assert sum(result["predicted"].values()) == 5
     config.eval_path = str(write_jsonl(tmp_path / "text.jsonl", [{"text": "cat and dog"}]))
-    assert set(evaluate_run(model, config, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)) == {"eval_loss"}
+    text_set = prepare_eval_set(config, tiny_tokenizer)
+    assert text_set.multiple_choice is None and len(text_set.examples) == 1
+    assert set(evaluate_run(model, text_set, tiny_tokenizer, rank=0, world_size=1, micro_batch_size=2)) == {"eval_loss"}
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, results) -> None:
@@ -233,6 +238,7 @@ def test_checkpoint_evaluated_partitioned_like_training(tmp_path, tiny_model_dir
     single = load_config_from_dict({**config, "deepspeed": "ds_configs/zero0.json"})
     model, tokenizer, what = load_for_eval(single, checkpoint=tmp_path / "out")
     assert "partitioned" not in what
-    expected = evaluate_run(model, single.data, tokenizer, rank=0, world_size=1, micro_batch_size=2)
+    expected = evaluate_run(model, prepare_eval_set(single.data, tokenizer), tokenizer, rank=0, world_size=1,
+                            micro_batch_size=2)
     assert sharded["accuracy"] == expected["accuracy"] and sharded["predicted"] == expected["predicted"]
     assert sharded["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)  # fp32, sums in another order
