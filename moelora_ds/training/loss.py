@@ -95,9 +95,15 @@ def supervised_logits_and_targets(model: torch.nn.Module, batch: Mapping[str, to
     return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
 
 
+def labelled_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many tokens of a CPU `batch` carry a loss (labelled next tokens: the terms `causal_lm_loss` sums), read
+    with numpy."""
+    return int(np.count_nonzero(batch["labels"].numpy()[:, 1:] != IGNORE_INDEX))
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                   device: Optional[torch.device] = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of a CPU `batch` (as the model's own `.loss`), computed
-    on `device` (default: the model's)."""
+                   device: Optional[torch.device] = None, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens of a CPU `batch`, computed on `device` (default: the model's):
+    their mean (as the model's own `.loss`) or, with `reduction="sum"`, their sum."""
     logits, targets = supervised_logits_and_targets(model, batch, device or model_device(model))
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
