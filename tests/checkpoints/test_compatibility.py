@@ -11,8 +11,11 @@ import torch
 
 from moelora_ds.checkpoints.compatibility import check_resume_allow, check_resume_compatible, data_fingerprint
 from moelora_ds.config import ConfigError, config_to_dict, load_config
+from moelora_ds.telemetry.metrics import read_metrics
 from moelora_ds.training.optimizers import configured_hyperparameters, reapply_hyperparameters
 from moelora_ds.training.schedule import lr_multiplier
+
+from harness import launch, load_config_from_dict, run_config
 
 WORLD_SIZE = 2
 
@@ -117,3 +120,29 @@ def test_new_learning_rate_and_hyperparameters_take_effect_after_a_load(optimize
     loaded = dict(same.param_groups[0])
     reapply_hyperparameters(same_scheduler, configured)
     assert same.param_groups[0] == loaded
+
+
+@pytest.mark.distributed
+def test_resuming_refuses_another_experiment_and_applies_a_new_learning_rate(tiny_model_dir, tiny_mc_data, tmp_path,
+                                                                             subprocess_env):
+    """On 2 real ranks: a run stopped at step 3 is not resumed with another data.max_length (exit 2, the key and the
+    ways out named, nothing trained); resumed with another optimizer.lr and max_steps, it says so and trains at the
+    new learning rate of the new schedule from step 4 on."""
+    out = tmp_path / "out"
+    config = run_config(tiny_model_dir, tiny_mc_data, out, train={"max_steps": 6, "stop_at": 3, "resume": "auto"},
+                        optimizer={"name": "riemannian_adamw", "lr": 1e-2})
+    launch(config, tmp_path, subprocess_env)
+    refused = launch({**config, "data": {**config["data"], "max_length": 48}}, tmp_path, subprocess_env, check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "data.max_length: 64 -> 48" in refused.stderr and "--train.resume_allow=data.max_length" in refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+
+    changed = {**config, "optimizer": {**config["optimizer"], "lr": 5e-3},
+               "train": {**config["train"], "stop_at": None, "max_steps": 8}}
+    result = launch(changed, tmp_path, subprocess_env)
+    assert "optimizer.lr: 0.01 -> 0.005" in result.stdout and "train.max_steps: 6 -> 8" in result.stdout
+    schedule = lr_multiplier(load_config_from_dict(changed).scheduler, total_steps=8)
+    logged = {r["step"]: r["lr"] for r in read_metrics(out) if "loss" in r}
+    assert sorted(logged) == list(range(1, 9))
+    for step in range(4, 9):
+        assert logged[step] == pytest.approx(5e-3 * schedule(step - 1), rel=1e-12), step
