@@ -27,6 +27,9 @@ EXPERIMENT_KEYS = ("model.name_or_path", "model.gguf_file", "model.dtype", "moel
 NOT_COMPARED = ("train.resume", "train.resume_allow", "train.output_dir")
 """Keys that say where a run is and how it resumes, not what it trains."""
 GLOBAL_BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum")
+UNSET = "<unset>"
+"""The saved value of a key the checkpoint's configuration does not have (it was written before the key existed):
+such a change is allowed and printed, never refused."""
 
 
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -72,9 +75,8 @@ def check_resume_allow(config: RunConfig) -> None:
 def changed_keys(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, current value)} of every compared key that differs between two configuration dicts."""
     old, new = flatten(saved), flatten(current)
-    missing = "<unset>"
-    return {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
-            if old.get(key, missing) != new.get(key, missing) and not _under(key, NOT_COMPARED)}
+    return {key: (old.get(key, UNSET), new.get(key, UNSET)) for key in sorted(old.keys() | new.keys())
+            if old.get(key, UNSET) != new.get(key, UNSET) and not _under(key, NOT_COMPARED)}
 
 
 def check_resume_compatible(config: RunConfig, info: dict, world_size: int, fingerprint: str,
@@ -89,7 +91,7 @@ def check_resume_compatible(config: RunConfig, info: dict, world_size: int, fing
                                       "the same path, with files of another size or modification time")
     saved_batch = saved["train"]["micro_batch_size"] * saved["train"]["grad_accum"] * int(info["world_size"])
     batch = config.train.micro_batch_size * config.train.grad_accum * world_size
-    experiment = [key for key in changed if _under(key, EXPERIMENT_KEYS)]
+    experiment = [key for key, (old, _) in changed.items() if _under(key, EXPERIMENT_KEYS) and old != UNSET]
     if batch != saved_batch:
         experiment += [key for key in GLOBAL_BATCH_KEYS if key in changed] or ["train.grad_accum"]
         changed.setdefault("train.grad_accum", (saved["train"]["grad_accum"], config.train.grad_accum))

@@ -77,6 +77,12 @@ def test_same_global_batch_on_other_ranks_and_harmless_changes_are_allowed_and_l
     assert resume_with(saved) == []
 
 
+def test_keys_newer_than_the_checkpoint_are_listed_not_refused(saved):
+    info, _ = saved
+    del info["config"]["train"]["loss_normalization"]
+    assert resume_with(saved) == ["train.loss_normalization: '<unset>' -> 'tokens'"]
+
+
 def test_resume_allow_must_name_configuration_keys():
     check_resume_allow(load_config(None, ["--train.resume_allow=data.train_path,moelora"]))
     with pytest.raises(ConfigError, match=r"train\.resume_allow: \['data\.trian_path'\] are not configuration keys"):
