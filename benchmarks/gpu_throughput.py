@@ -90,7 +90,7 @@ def write_config(path: Path, model_dir: Path, train_path: Path, max_length: int,
         "scheduler": {"name": "constant", "warmup_steps": 0},
         "data": {"train_path": str(train_path), "eval_path": None, "max_length": max_length, "packing": True},
         "train": {"micro_batch_size": micro_batch_size, "grad_accum": 1, "seed": 1, "save_every": 0,
-                  "eval_every": 0, "resume": "never"},
+                  "save_every_minutes": 0, "eval_every": 0, "resume": "never"},
         "deepspeed": "ds_configs/zero3.json",
     }))
     return path

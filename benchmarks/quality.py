@@ -329,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise SystemExit(f"{train_path} not found; build the WordNet quiz first: "
                              f"python -m moelora_ds.data.wordnet --out data/wordnet --seed 0")
         rates = {opt: args.rates or getattr(args, f"{opt}_rates") for opt in OPTIMIZERS}
-        base = ["--train.save_every=0", "--train.eval_every=0",
+        base = ["--train.save_every=0", "--train.save_every_minutes=0", "--train.eval_every=0",
                 "--train.resume=never", "--train.nonfinite=skip", *extra]
         if args.steps:
             base.append(f"--train.max_steps={args.steps}")

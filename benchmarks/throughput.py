@@ -92,6 +92,7 @@ def run_training(run: Run, config: Path, overrides: list[str], root: Path, skip_
     command = ["deepspeed", "--num_gpus", str(run.world_size), "--master_port", str(free_port()), str(WRAPPER),
                *script, "--config", str(config), *overrides, f"--train.max_steps={run.steps}",
                "--data.eval_path=null", f"--train.output_dir={run.output_dir}", "--train.save_every=0",
+               "--train.save_every_minutes=0",
                "--train.resume=never", f"--deepspeed=ds_configs/zero{run.stage}.json"]
     env = dict(launch_env(), BENCH_MEMORY_DIR=str(memory_dir))
     log = run.output_dir / "launch.log"

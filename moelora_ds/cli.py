@@ -39,7 +39,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 configuration or data error, 3 non-finite values, 75 checkpointed on SIGUSR1."""
+    """Exit status: 0 done, 2 configuration or data error, 3 non-finite values, 75 checkpointed on a signal."""
     args, overrides = _train_parser().parse_known_args(argv)
     try:
         config = _run_config(args.config, overrides)

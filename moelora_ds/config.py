@@ -129,7 +129,7 @@ class TrainLoopConfig:
     """Global gradient-norm clip of the preconditioned gradient; 0 disables it (recommended with riemannian_sgd,
     and the trainer warns otherwise: benchmarks/RESULTS.md, benchmark 4)."""
     seed: int = 42
-    """Seeds adapter initialisation, data order and dropout."""
+    """Seeds adapter initialisation (the same on every rank), data order and dropout (its own stream per rank)."""
     output_dir: str = "outputs/run"
     """Holds checkpoints/, metrics.jsonl, loss_curve.png and TensorBoard logs."""
     report_to: Optional[list[Literal["tensorboard", "mlflow", "wandb"]]] = None
@@ -138,8 +138,16 @@ class TrainLoopConfig:
     heat map as artifacts; each needs its extra (`pip install moelora-ds[mlflow]`, `[wandb]`, `[tensorboard]`)."""
     run_name: Optional[str] = None
     """The run's name in the experiment trackers; null: the name of output_dir."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only at the end; a checkpoint is always written at the end)."""
+    loss_normalization: Literal["tokens", "sequences"] = "tokens"
+    """tokens: the loss of an optimizer step is the mean over all labelled tokens of its global batch (every
+    micro-batch, accumulation step and rank), so results do not depend on how the batch is split, and the logged
+    train loss is token-weighted like eval_loss. sequences: the mean of each micro-batch's own mean (a micro-batch
+    with few answer tokens weighs as much as one with many)."""
+    save_every: int = 500
+    """Checkpoint every N steps (0: only by save_every_minutes; a checkpoint is always written at the end)."""
+    save_every_minutes: float = 60.0
+    """Also checkpoint when this many minutes of wall clock have passed since the last checkpoint (or the start);
+    0 disables it."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (oldest deleted first); 0 keeps all."""
     eval_every: int = 0
@@ -147,7 +155,11 @@ class TrainLoopConfig:
     log_every: int = 1
     """Log metrics every N steps (the last step is always logged; so is every health.every-th step)."""
     resume: str = "auto"
-    """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory."""
+    """auto: continue from output_dir/checkpoints/latest if present; never; or a checkpoint tag directory. The
+    checkpoint's configuration must describe the same experiment (README, "Resuming")."""
+    resume_allow: list[str] = field(default_factory=list)
+    """Keys (e.g. data.train_path, or a whole section: moelora) allowed to differ from the resumed checkpoint's
+    although they make it another experiment; on the command line --train.resume_allow=KEY,KEY."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: stop with an error naming the step, or discard that step's whole update."""
     collective_timeout_s: int = 600
@@ -218,6 +230,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if origin in (list, tuple):
+        if origin is list and isinstance(value, str):  # --section.key=a,b from the command line
+            value = [item.strip() for item in value.split(",") if item.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         if origin is tuple:
@@ -349,7 +363,7 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"{src}: {key}: expected a positive value, got {value!r}")
     if train.stop_at is not None and train.stop_at < 1:
         raise ConfigError(f"{src}: train.stop_at: expected a positive step or null, got {train.stop_at}")
-    for key in ("save_every", "eval_every", "keep_checkpoints", "loss_chunk_tokens"):
+    for key in ("save_every", "save_every_minutes", "eval_every", "keep_checkpoints", "loss_chunk_tokens"):
         if getattr(train, key) < 0:
             raise ConfigError(f"{src}: train.{key}: expected 0 or more, got {getattr(train, key)}")
     if train.grad_clip < 0:

@@ -137,7 +137,7 @@ class Reference:
     adapters: dict[str, torch.Tensor]
     """Final adapter weights (fp32, on the CPU), by parameter name."""
     losses: list[float]
-    """Training loss of every step (mean over the step's micro-batches of all ranks)."""
+    """Training loss of every step (token-weighted over the global batch, or the mean over its micro-batches)."""
     grad_norms: list[float]
     """Global norm of every step's gradient, what clipping (train.grad_clip) compares."""
 
@@ -196,10 +196,12 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
     """The same run in one process, without DeepSpeed: the global batch of every step is the union of the ranks'
     micro-batches. `reverse_order` takes the micro-batches, and the rows of each, in reverse order: the same
     sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
-    run's own (build_optimizer), or with `plain` the method written out (PlainAdamW). `bf16_autocast` computes
-    forward and backward in bf16 from the fp32 weights (what a bf16 run with fp32 master weights does, its noise
-    without DeepSpeed)."""
+    run's own (build_optimizer), or with `plain` the method written out (PlainAdamW). The loss is normalised as
+    train.loss_normalization says: by the labelled tokens of the whole global batch, or per micro-batch.
+    `bf16_autocast` computes forward and backward in bf16 from the fp32 weights (what a bf16 run with fp32 master
+    weights does, its noise without DeepSpeed)."""
     from moelora_ds.adapters.inject import adapter_parameters
+    from moelora_ds.training.loss import labelled_tokens
     from moelora_ds.training.optimizers import build_optimizer
     from moelora_ds.training.schedule import lr_multiplier
 
@@ -214,11 +216,16 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
     losses, grad_norms = [], []
     for index in range(cfg.train.max_steps):
         batches = [next(shard) for _ in range(cfg.train.grad_accum) for shard in shards]
+        labelled = sum(labelled_tokens(batch["labels"]) for batch in batches)
         step_loss = 0.0
         for batch in reversed(batches) if reverse_order else batches:
             batch = {k: v.flip(0) if reverse_order else v for k, v in batch.items()}
+            inputs = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / len(batches)
+                if cfg.train.loss_normalization == "tokens":  # transformers' own sum over the batch's tokens / count
+                    loss = model(**inputs, num_items_in_batch=labelled).loss
+                else:
+                    loss = model(**inputs).loss / len(batches)
             loss.backward()
             step_loss += loss.item()
         losses.append(step_loss)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from moelora_ds.adapters.config import MoELoRAConfig
+from moelora_ds.adapters.dropout import SeededDropout
 from moelora_ds.adapters.preconditioner import precondition_factors
 
 
@@ -131,7 +132,7 @@ class MoELoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.num_experts, self.out_features, self.rank, **factory))
         self.router = skip_init(nn.Linear, self.in_features, self.num_experts, bias=False, **factory)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = SeededDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.dropout_per_expert = config.dropout_per_expert
         self.reset_adapter_parameters(init_seed)
 
@@ -140,8 +141,8 @@ class MoELoRALinear(nn.Module):
         """Every A_e drawn independently (Kaiming-uniform as in LoRA), B = 0, router as nn.Linear.
 
         Drawn in fp32 by a CPU generator seeded with `init_seed`, then moved to the base's device and dtype: the
-        same starting adapters on every device, dtype, ZeRO stage and rank, and no draw from the global streams
-        (dropout's)."""
+        same starting adapters on every device, dtype, ZeRO stage and rank, and no draw from any other stream
+        (dropout has its own: dropout.py)."""
         generator = torch.Generator(device="cpu").manual_seed(init_seed)
         bound = 1.0 / math.sqrt(self.in_features)
         for param in (self.lora_A, self.router.weight):
@@ -170,7 +171,7 @@ class MoELoRALinear(nn.Module):
 
     def _rank_space(self, tokens: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         """Every expert's A_e dropout(x), (tokens, E, r): one mask shared by all experts, or one per expert."""
-        if self.dropout_per_expert and self.training and isinstance(self.dropout, nn.Dropout):
+        if self.dropout_per_expert and self.training and isinstance(self.dropout, SeededDropout):
             dropped = self.dropout(tokens.unsqueeze(0).expand(self.num_experts, -1, -1))  # (E, tokens, in)
             return torch.bmm(dropped, lora_A.transpose(1, 2)).transpose(0, 1).contiguous()
         return (self.dropout(tokens) @ lora_A.reshape(-1, self.in_features).t()).view(-1, self.num_experts, self.rank)

@@ -50,11 +50,16 @@ def list_checkpoints(root: Path) -> list[str]:
 
 
 def latest_tag(root: Path) -> Optional[str]:
-    """The tag `root/latest` names, checked to be complete; None when no checkpoint was published."""
+    """The tag `root/latest` names, checked to be complete; None when no checkpoint was published.
+
+    While a checkpoint is saved again under the tag `latest` names, `latest` names its complete staging
+    directory (`.tmp-<tag>`), and then, once that is renamed, means `<tag>` (save_load._publish)."""
     latest = root / LATEST
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    if tag.startswith(TMP_PREFIX) and not (root / tag).is_dir():  # named while its tag was saved again; published
+        tag = tag[len(TMP_PREFIX):]
     if not (root / tag / RUN_FILE).is_file():
         raise CheckpointError(f"{latest} names checkpoint {tag!r} and {root / tag / RUN_FILE} is missing "
                               f"(incomplete or moved); complete checkpoints: {list_checkpoints(root) or 'none'}")

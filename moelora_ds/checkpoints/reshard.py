@@ -9,8 +9,9 @@ is removed. Nothing is lost: the continuation equals an uninterrupted run's up t
 The global batch (micro_batch_size x grad_accum x ranks) must stay the same, so that the data position
 (converted to the new ranks) and the schedule mean what they meant; otherwise the resume is refused
 with a CheckpointError before the model is loaded. A stage-0 checkpoint holds whole weights and optimizer
-state and loads with any number of ranks directly; only its data position is converted. Dropout draws
-continue from the checkpoint's rank-0 random state on rank 0 and from the seed elsewhere.
+state and loads with any number of ranks directly; only its data position is converted. A rank's random
+state and dropout stream continue from the checkpoint's file of the same rank where it has one, else start
+from the seed.
 """
 
 from __future__ import annotations

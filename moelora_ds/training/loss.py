@@ -125,9 +125,10 @@ def labelled_loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
     return loss_sum, len(index)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
-                   device: Optional[torch.device] = None, chunk_tokens: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of a CPU `batch` (as the model's own `.loss`), computed
-    on `device` (default: the model's), through the output head in chunks of `chunk_tokens` when > 0."""
+def causal_lm_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], device: Optional[torch.device] = None,
+                   reduction: str = "mean", chunk_tokens: int = 0) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens of a CPU `batch`, computed on `device` (default: the model's):
+    their mean (as the model's own `.loss`) or, with `reduction="sum"`, their sum; through the output head in chunks
+    of `chunk_tokens` when > 0."""
     loss_sum, labelled = labelled_loss_sum(model, batch, device or model_device(model), chunk_tokens)
-    return loss_sum / labelled
+    return loss_sum if reduction == "sum" else loss_sum / labelled

@@ -58,3 +58,27 @@ def undo_state_initialization_step(optimizer) -> None:
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         optimizer.optimizer.state.clear()
         optimizer.refresh_fp32_params()
+
+
+CONFIGURED_HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay", "momentum", "bias_correction")
+"""What the configuration sets in a parameter group (`initial_lr`: the peak learning rate the schedule scales)."""
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Every parameter group's configured hyperparameters, to re-apply once a checkpoint's have been loaded."""
+    return [{key: group[key] for key in CONFIGURED_HYPERPARAMETERS if key in group} for group in optimizer.param_groups]
+
+
+def reapply_hyperparameters(scheduler, configured: list[dict]) -> None:
+    """After loading a checkpoint, whose optimizer and schedule carry the saved run's hyperparameters and peak learning
+    rates: the `configured` ones again, and every group's learning rate at the restored step from the (new) schedule.
+
+    Unchanged values give back exactly what was loaded; changed ones (a new optimizer.lr, say) take effect at once.
+    """
+    groups = scheduler.optimizer.param_groups
+    for group, values in zip(groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base_lr, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from moelora_ds.adapters.inject import find_target_linears
+from moelora_ds.checkpoints.compatibility import check_resume_allow
 from moelora_ds.checkpoints.locate import CHECKPOINTS, CheckpointError, read_run_info, resolve_resume
 from moelora_ds.checkpoints.reshard import needs_universal
 from moelora_ds.config import ConfigError, RunConfig
@@ -81,8 +82,10 @@ def check_report_to(config: RunConfig) -> None:
 
 def preflight(config: RunConfig) -> None:
     """Every check that needs no process group: the trackers are installed, the DeepSpeed config agrees,
-    target_modules match the model, the checkpoint to resume from exists."""
+    target_modules match the model, the checkpoint to resume from exists, train.resume_allow names configuration
+    keys."""
     check_report_to(config)
     build_deepspeed_config(config)
     check_target_modules(config)
+    check_resume_allow(config)
     resume_point(config)

@@ -8,8 +8,6 @@ checkpoint; finally checkpoint, evaluate and tear down.
 from __future__ import annotations
 
 import random
-import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,38 +20,33 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from moelora_ds.adapters.dropout import dropout_generator, use_dropout_generator
 from moelora_ds.adapters.inject import inject_moelora, router_aux_loss
+from moelora_ds.checkpoints.compatibility import data_fingerprint
 from moelora_ds.checkpoints.locate import CHECKPOINTS, read_run_info
-from moelora_ds.checkpoints.reshard import (
-    UNIVERSAL_SCRATCH,
-    convert_data_position,
-    convert_to_universal,
-    repair_universal_load,
-    saved_units_per_batch,
-)
-from moelora_ds.checkpoints.save_load import load_checkpoint, save_checkpoint
+from moelora_ds.checkpoints.reshard import convert_data_position, saved_units_per_batch
+from moelora_ds.checkpoints.save_load import save_checkpoint
 from moelora_ds.config import RunConfig, advisories, config_to_dict
 from moelora_ds.data.batches import ShardedBatches
 from moelora_ds.data.prepare import Preparation
 from moelora_ds.data.records import DataError
 from moelora_ds.data.shared import prepare_for_ranks
-from moelora_ds.distributed.process_group import all_sum, init_distributed, local_rank
+from moelora_ds.distributed.process_group import all_sum, all_sum_tensor, init_distributed, local_rank
 from moelora_ds.evaluation.evaluate import evaluate_run, prepare_eval_set
 from moelora_ds.models.loading import load_base_model, load_tokenizer, local_model_dir
 from moelora_ds.telemetry.expert_health import ExpertHealth
 from moelora_ds.telemetry.metrics import MetricsLogger
 from moelora_ds.telemetry.step_figures import StepFigures
 from moelora_ds.telemetry.trackers import open_trackers
+from moelora_ds.training.cadence import SaveCadence
 from moelora_ds.training.deepspeed_config import build_deepspeed_config, offloads_optimizer, zero_stage
 from moelora_ds.training.grad_norm import grad_norm_share, own_grad_norm
 from moelora_ds.training.loss import causal_lm_loss, host_to_device, labelled_tokens
 from moelora_ds.training.nonfinite import StepGuard, check_finite_state, discard_gradients, nonfinite_gradients
 from moelora_ds.training.optimizers import build_optimizer, undo_state_initialization_step
-from moelora_ds.training.preflight import resume_needs_universal, resume_point
+from moelora_ds.training.resume import find_resume_point, restore
 from moelora_ds.training.schedule import scheduler_factory
-
-EXIT_CHECKPOINTED_ON_SIGNAL = 75
-"""Exit status after a SIGUSR1 (preemption warning) was answered with a checkpoint: requeue and resume."""
+from moelora_ds.training.signals import EXIT_CHECKPOINTED_ON_SIGNAL, PreemptionFlag
 
 
 def seed_everything(seed: int) -> None:
@@ -86,17 +79,6 @@ class StepStats:
     """Why the step's update was discarded (nonfinite.StepGuard.outcome), or None."""
 
 
-class PreemptionFlag:
-    """Set by SIGUSR1; every rank agrees on it at a step boundary."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        signal.signal(signal.SIGUSR1, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -115,13 +97,15 @@ class Trainer:
         self.batches = self._batches_or_error_on_every_rank()
         self.eval_set = prepare_eval_set(config.data, self.tokenizer) if config.data.eval_path else None
         self.total_steps = self._total_steps()
-        self.resume_point = resume_point(config)
-        self.universal = self.resume_point is not None and resume_needs_universal(config, self._resume_dir(),
-                                                                                   self.world_size)
-        if self.universal:
+        self.data_fingerprint = data_fingerprint(config.data.train_path)
+        self.resume_point = find_resume_point(config, self.world_size, self.data_fingerprint, self.rank == 0)
+        if self.resume_point is not None and self.resume_point.universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
         model = build_model(config, self.ds_config, self.model_dir)
+        self.dropout = dropout_generator(config.train.seed, self.rank, self.device)
+        """This rank's dropout stream (adapters/dropout.py), saved and restored with its checkpoint files."""
+        use_dropout_generator(model, self.dropout)
         optimizer = build_optimizer(model, config.optimizer, offload=offloads_optimizer(self.ds_config),
                                     partitioned=zero_stage(self.ds_config) > 0, device=self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -132,6 +116,7 @@ class Trainer:
                                    self.world_size)
         self.step = 0
         self.preemption = PreemptionFlag()
+        self.cadence = SaveCadence(config.train, self.rank)
         self.health: Optional[ExpertHealth] = None
         """Routing telemetry (health.enabled), attached in train() once the first step is known."""
 
@@ -175,72 +160,56 @@ class Trainer:
 
     def run_info(self) -> dict:
         return {"world_size": self.world_size, "zero_stage": zero_stage(self.ds_config),
-                "model_dir": str(self.model_dir), "config": config_to_dict(self.config)}
-
-    def _resume_dir(self) -> Path:
-        root, tag = self.resume_point
-        return root / tag
+                "model_dir": str(self.model_dir), "data_fingerprint": self.data_fingerprint,
+                "config": config_to_dict(self.config)}
 
     def resume(self) -> None:
         """Continue from the checkpoint found at start-up (if any): weights, optimizer, schedule, data, RNG."""
         if self.resume_point is None:
             return
-        checkpoint_dir = self._resume_dir()
-        if self.universal:
-            client_state = self._load_universal(checkpoint_dir)
-        else:
-            client_state = load_checkpoint(self.engine, *self.resume_point)
+        client_state = restore(self.engine, self.scheduler, self.resume_point, self.checkpoint_root, self.dropout,
+                               self.device)
         self.step = client_state["step"]
         units = self.config.train.micro_batch_size * self.world_size
-        self.batches.load_state_dict(convert_data_position(
-            client_state["data"], saved_units_per_batch(read_run_info(checkpoint_dir)), units))
+        saved_units = saved_units_per_batch(read_run_info(self.resume_point.directory))
+        self.batches.load_state_dict(convert_data_position(client_state["data"], saved_units, units))
         if self.rank == 0:
-            print(f"[moelora-ds] resumed from {checkpoint_dir} at step {self.step}")
-
-    def _load_universal(self, checkpoint_dir: Path) -> dict:
-        """Load a checkpoint written by another number of ranks via a universal conversion (reshard.py)."""
-        failure = ""
-        if self.rank == 0:
-            print(f"[moelora-ds] {checkpoint_dir} was written by {read_run_info(checkpoint_dir)['world_size']} "
-                  f"ranks: converting it to a universal checkpoint for {self.world_size}", flush=True)
-            try:
-                convert_to_universal(checkpoint_dir, self.checkpoint_root)
-            except (OSError, RuntimeError) as error:
-                failure = str(error)
-        if all_sum([float(bool(failure))], self.device)[0]:
-            raise RuntimeError(failure or "rank 0 could not convert the checkpoint to a universal one")
-        scratch = self.checkpoint_root / UNIVERSAL_SCRATCH
-        client_state = load_checkpoint(self.engine, scratch, checkpoint_dir.name, rng_dir=checkpoint_dir)
-        repair_universal_load(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer),
-                              scratch / checkpoint_dir.name)
-        dist.barrier()
-        if self.rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return client_state
+            print(f"[moelora-ds] resumed from {self.resume_point.directory} at step {self.step}")
 
     def save(self) -> Path:
         client_state = {"step": self.step, "data": self.batches.state_dict()}
-        return save_checkpoint(self.engine, self.checkpoint_root, self.step, client_state, self.run_info(),
-                                    keep=self.config.train.keep_checkpoints)
+        path = save_checkpoint(self.engine, self.checkpoint_root, self.step, client_state, self.run_info(),
+                               keep=self.config.train.keep_checkpoints, dropout=self.dropout)
+        self.cadence.saved()
+        return path
 
     def train_step(self, batch_iter) -> StepStats:
         """`grad_accum` micro-batches and one optimizer step, discarded whole or stopped if anything is non-finite.
 
-        The losses stay on the device; one all-reduce before the boundary `engine.step()` brings every
-        micro-batch's loss and finiteness (and at stage 0 the gradients' finiteness) to all ranks, the step's
-        only wait for the device (nonfinite.py says how a step is discarded under `train.nonfinite=skip`).
+        The step's micro-batches are drawn first: under `train.loss_normalization=tokens` each one's summed token
+        losses are weighted by `token_weight`, so that the step's gradient is that of the mean over every labelled
+        token of the global batch. The losses stay on the device; one all-reduce before the boundary
+        `engine.step()` brings every micro-batch's loss and finiteness (and at stage 0 the gradients' finiteness)
+        to all ranks, the step's only wait for the device (nonfinite.py says how a step is discarded under
+        `train.nonfinite=skip`). The logged loss is the mean over micro-batches and ranks: token-weighted under
+        `tokens`.
         """
         guard = StepGuard(self.config.train.nonfinite, self.step + 1)
         micro_batches = self.config.train.grad_accum
-        losses, tokens, labelled = [], 0, 0
-        for micro in range(micro_batches):
-            batch = next(batch_iter)
+        batches = [next(batch_iter) for _ in range(micro_batches)]
+        labelled = sum(labelled_tokens(batch["labels"]) for batch in batches)
+        weight = self.token_weight(labelled)
+        losses, tokens = [], 0
+        for micro, batch in enumerate(batches):
             tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
-            labelled += labelled_tokens(batch["labels"])
             recording = (self.health.recording(host_to_device(batch["attention_mask"], self.device))
                          if self.health is not None else nullcontext())
             with recording:
-                loss = causal_lm_loss(self.engine, batch, self.device, self.config.train.loss_chunk_tokens)
+                chunk = self.config.train.loss_chunk_tokens
+                if weight is None:
+                    loss = causal_lm_loss(self.engine, batch, self.device, chunk_tokens=chunk)
+                else:
+                    loss = causal_lm_loss(self.engine, batch, self.device, reduction="sum", chunk_tokens=chunk) * weight
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
                 loss = loss + aux.to(loss.dtype)
@@ -262,6 +231,16 @@ class Trainer:
         return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, labelled=labelled,
                          grad_norm=grad_norm_share(self.engine, own_norm, self.rank), skipped=skipped)
 
+    def token_weight(self, labelled: int) -> Optional[torch.Tensor]:
+        """Under `train.loss_normalization=tokens`: grad_accum x ranks / the global batch's labelled tokens (this
+        rank's `labelled` summed over ranks by one all-reduce into an fp32 device scalar, never read back to the
+        host), as DeepSpeed divides each micro-batch's loss by grad_accum and averages over ranks; None under
+        `sequences`."""
+        if self.config.train.loss_normalization != "tokens":
+            return None
+        total = all_sum_tensor(host_to_device(torch.tensor(float(labelled), dtype=torch.float64), self.device))
+        return (self.config.train.grad_accum * self.world_size / total.clamp_min(1.0)).float()
+
     def train(self) -> int:
         """Resume, run the steps (update, record, evaluate, log, checkpoint), then checkpoint and evaluate the end."""
         self.resume()
@@ -276,14 +255,15 @@ class Trainer:
         stop = min(self.total_steps, self.config.train.stop_at or self.total_steps)
         exit_code = 0
         while self.step < stop:
-            record, preempted = self.step_and_record(batch_iter, logger, last=self.step + 1 == stop)
+            preempted, clock_votes = self.step_and_record(batch_iter, logger, last=self.step + 1 == stop)
             if preempted:
                 self.save()
                 if logger is not None:
-                    logger.write(f"[moelora-ds] SIGUSR1: checkpointed step {self.step}; exiting for requeue")
+                    signal_name = self.preemption.name or "a preemption signal (on another rank)"
+                    logger.write(f"[moelora-ds] {signal_name}: checkpointed step {self.step}; exiting for requeue")
                 exit_code = EXIT_CHECKPOINTED_ON_SIGNAL
                 break
-            if self.config.train.save_every and self.step % self.config.train.save_every == 0 and self.step < stop:
+            if self.step < stop and self.cadence.due(self.step, clock_votes):
                 self.save()
         if exit_code == 0:
             self.finish(logger)
@@ -294,17 +274,19 @@ class Trainer:
         dist.barrier()  # leave together: a rank tearing its process group down while another still used it aborted
         return exit_code
 
-    def step_and_record(self, batch_iter, logger: Optional[MetricsLogger], last: bool) -> tuple[dict, bool]:
-        """One optimizer step, its metrics record (evaluated and logged when due), and whether SIGUSR1 arrived."""
+    def step_and_record(self, batch_iter, logger: Optional[MetricsLogger], last: bool) -> tuple[bool, float]:
+        """One optimizer step and its metrics record (evaluated and logged when due); returns whether a preemption
+        signal arrived on any rank and the summed wall-clock save votes (cadence.py), agreed on by every rank."""
         train = self.config.train
         lr = self.scheduler.get_last_lr()[0]
         started = time.perf_counter()
         stats = self.train_step(batch_iter)
         self.step += 1
         known_norm = stats.grad_norm is not None  # the same on every rank
-        tokens, labelled, preempted, grad_norm = check_finite_state(
+        tokens, labelled, preempted, grad_norm, clock_votes = check_finite_state(
             self.engine, self.device, f"after step {self.step}", also_sum=[
-                stats.tokens, stats.labelled, float(self.preemption.raised), stats.grad_norm if known_norm else 0.0])
+                stats.tokens, stats.labelled, float(self.preemption.raised), stats.grad_norm if known_norm else 0.0,
+                self.cadence.clock_vote()])
         record = {"step": self.step, "loss": stats.loss, "lr": lr, "epoch": self.batches.state_dict()["epoch"],
                   **self.figures.step(time.perf_counter() - started, tokens, labelled,
                                       grad_norm if known_norm else None)}
@@ -325,7 +307,7 @@ class Trainer:
             if logged:
                 self.figures.logged(record)
                 logger.log(record)
-        return record, bool(preempted)
+        return bool(preempted), clock_votes
 
     def finish(self, logger: Optional[MetricsLogger]) -> None:
         """The final checkpoint and evaluation."""

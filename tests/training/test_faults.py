@@ -1,4 +1,5 @@
-"""Faults during real 2-rank ZeRO-3 runs (dropout on): a kill mid-save, a dead rank, a hung rank; and determinism.
+"""Faults during real 2-rank ZeRO-3 runs (dropout on): SIGTERM, a kill mid-save, a dead rank, a hung rank; and
+determinism.
 
 The uninterrupted reference is training_runs.tiny_run (shared with the SLURM and MPI tests).
 
@@ -23,7 +24,7 @@ from moelora_ds.checkpoints.locate import LATEST, TMP_PREFIX
 
 from harness import checkpoint_adapters
 from slurm_cluster import free_ports
-from training_runs import TRAIN_SCRIPT, WORLD_SIZE, losses, rank_pids, tiny_run
+from training_runs import TRAIN_SCRIPT, WORLD_SIZE, catches, losses, rank_pids, tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -124,6 +125,38 @@ def test_kill_during_a_save_loses_nothing(reference, tmp_path, subprocess_env):
     assert losses(out) == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
     assert (root / LATEST).read_text() == f"step_{len(uninterrupted)}"
     assert not [name for name in os.listdir(root) if name.startswith(TMP_PREFIX)]
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_trains_as_if_uninterrupted(reference, tmp_path, subprocess_env):
+    """SIGTERM (scancel, preemption, a node drain) reaches both ranks mid-run: they checkpoint at the next step
+    boundary and exit with 75. The resumed run (checkpointing by wall clock alone, every step) ends with the
+    uninterrupted run's losses."""
+    config, uninterrupted = reference
+    out = tmp_path / "run"
+    process = start(config, out, subprocess_env)
+    pids = wait_for_ranks(process, out)
+    deadline = time.monotonic() + 120
+    while not all(catches(pid, signal.SIGTERM) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    wait_for_steps(process, out, 1)
+    send(pids, signal.SIGSTOP)  # a signal that reaches stopped ranks is handled when they go on: no race with the run
+    logged = losses(out)
+    assert len(logged) < len(uninterrupted) - 1, "the run had (nearly) finished before it could be signalled"
+    send(pids, signal.SIGTERM)
+    send(pids, signal.SIGCONT)
+    assert process.wait(timeout=300) == 75, log(out)
+    text = log(out)
+    checkpointed = int(text.split("SIGTERM: checkpointed step ")[1].split(";")[0])
+    assert len(logged) <= checkpointed < len(uninterrupted)
+    assert (out / "checkpoints" / LATEST).read_text() == f"step_{checkpointed}"
+
+    resumed = start(config, out, subprocess_env, "--train.save_every=0", "--train.save_every_minutes=1e-6",
+                    "--train.keep_checkpoints=0")
+    assert resumed.wait(timeout=600) == 0, log(out)
+    assert f"resumed from {out / 'checkpoints' / f'step_{checkpointed}'}" in log(out)
+    assert losses(out) == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+    saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert saved == list(range(checkpointed, len(uninterrupted) + 1))  # by the clock after every step, and the end
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])

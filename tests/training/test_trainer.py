@@ -197,6 +197,33 @@ def test_zero3_build_starts_from_the_same_adapters(tiny_model_dir, tiny_mc_data,
         assert not differing and set(report["digests"]) == set(expected), (report["rank"], differing)
 
 
+DROPOUT_PROBE = (
+    "from moelora_ds.training.trainer import Trainer\n"
+    "trainer = Trainer(cfg)\n"
+    "layers = [layer for _, layer in moelora_layers(trainer.engine.module)]\n"
+    "layers[0].train(); layers[1].train()\n"
+    "x = torch.ones(16, 32, device=trainer.device)\n"
+    "masks = [(layer.dropout(x) != 0).cpu() for layer in layers[:2] for _ in range(2)]\n"
+    "say('RESULT ' + json.dumps({'rank': rank, 'masks': [m.int().flatten().tolist() for m in masks]}))\n")
+
+
+@pytest.mark.distributed
+def test_dropout_masks_differ_between_ranks_and_rerun_bitwise(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env):
+    """The trainer's layers draw dropout masks from the rank's own stream (one for all its layers): rank 0's and rank
+    1's differ, while their starting adapters are the same (test_zero3_build_starts_from_the_same_adapters); a
+    second run draws bitwise the same masks on each rank."""
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", moelora={"dropout": 0.5})
+    runs = []
+    for attempt in ("first", "again"):
+        (tmp_path / attempt).mkdir()
+        runs.append({r["rank"]: r["masks"] for r in run_probe(DROPOUT_PROBE, config, tmp_path / attempt,
+                                                               subprocess_env)})
+    first, again = runs
+    assert first == again
+    assert first[0] != first[1]
+    assert len({tuple(mask) for mask in first[0]}) == 4  # successive draws and layers: one stream, moving on
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("deepspeed,dtype,per_expert", [("ds_configs/zero3.json", "float32", True),
                                                          ("ds_configs/zero0.json", "bfloat16", False)])
