@@ -297,11 +297,12 @@ def bf16_bound(gap: float, noise: float) -> float:
     """How far a bf16 run's final adapters may be from the fp32 reference's (global relative error).
 
     `noise` is the distance bf16 arithmetic itself puts between the two on this machine: the reference computed
-    under bf16 autocast (fp32 weights, bf16 products, as a bf16 run with fp32 master weights) against the fp32
-    reference. A correct bf16 run is another such realisation, so within 2x of it; and the bound stays under half
-    of `gap`, the reference's distance to the same run without preconditioning, so a bf16 path that lost the
+    under bf16 autocast (fp32 weights, bf16 products) against the fp32 reference. A bf16 run also rounds what
+    autocast keeps in fp32 (norms, softmax, residual sums, the weights themselves), so it lands a few times further
+    (1.1x for AdamW, 2.5x for SGD measured on an AMX CPU): within 4x of it. And the bound stays under half of
+    `gap`, the reference's distance to the same run without preconditioning, so a bf16 path that lost the
     preconditioning cannot pass."""
-    return min(gap / 2, 2 * noise)
+    return min(gap / 2, 4 * noise)
 
 
 def checkpoint_adapters(output_dir: Path, tag: Optional[str] = None) -> dict[str, torch.Tensor]:

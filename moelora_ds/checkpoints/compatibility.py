@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from moelora_ds.config import ConfigError, RunConfig, config_to_dict
 
@@ -47,17 +47,18 @@ def _under(key: str, names) -> bool:
     return any(key == name or key.startswith(name + ".") for name in names)
 
 
-def data_fingerprint(path: str) -> str:
-    """A hash of the name, size and modification time of the training data file (or of every file under the
-    directory); '' when it cannot be read."""
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+def data_fingerprint(paths: Union[str, list[str]]) -> str:
+    """A hash of the name, size and modification time of the training data files (each file given, every file under
+    each directory given); '' when one cannot be read."""
     digest = hashlib.sha256()
     try:
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file.relative_to(root) if root.is_dir() else file.name}:{stat.st_size}:"
-                          f"{stat.st_mtime_ns}\n".encode())
+        for path in [paths] if isinstance(paths, str) else paths:
+            root = Path(path)
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            for file in files:
+                stat = file.stat()
+                digest.update(f"{path}:{file.relative_to(root) if root.is_dir() else file.name}:{stat.st_size}:"
+                              f"{stat.st_mtime_ns}\n".encode())
     except OSError:
         return ""
     return digest.hexdigest()

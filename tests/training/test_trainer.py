@@ -279,24 +279,39 @@ def test_zero3_experts_without_tokens_do_not_hang(tiny_model_dir, tiny_mc_data, 
     assert sorted(n > 0 for n in reports[0]["norms"]) == [False, False, True, True], reports[0]
 
 
+BF16_CASES = {"riemannian_sgd": ("sgd", 0.2), "riemannian_adamw": ("adamw", 1e-2)}  # name: (unpreconditioned, lr)
+
+
+def bf16_config(name: str, model_dir: Path, data: dict, output_dir: Path, stage: int) -> dict:
+    return run_config(model_dir, data, output_dir, optimizer={"name": name, "lr": BF16_CASES[name][1]},
+                      scheduler={"name": "constant", "warmup_steps": 0}, deepspeed=f"ds_configs/zero{stage}.json")
+
+
+@pytest.fixture(scope="module", params=sorted(BF16_CASES))
+def bf16_case(request, tiny_model_dir, tiny_mc_data):
+    """A case's fp32 reference, its distance to the unpreconditioned reference (gap) and to itself under bf16
+    autocast (noise): single-process runs, the same for every ZeRO stage."""
+    name = request.param
+    config = bf16_config(name, tiny_model_dir, tiny_mc_data, Path("unused"), 0)
+    reference = reference_run(config, WORLD_SIZE).adapters
+    plain = reference_run({**config, "optimizer": {**config["optimizer"], "name": BF16_CASES[name][0]}},
+                          WORLD_SIZE).adapters
+    noise = global_relative_error(reference_run(config, WORLD_SIZE, bf16_autocast=True).adapters, reference)
+    return name, reference, global_relative_error(plain, reference), noise
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [0, 3])
-@pytest.mark.parametrize("name,plain,lr", [("riemannian_sgd", "sgd", 0.2), ("riemannian_adamw", "adamw", 1e-2)])
-def test_bf16_follows_the_fp32_reference(tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, name, plain, lr,
-                                         stage):
+def test_bf16_follows_the_fp32_reference(bf16_case, tiny_model_dir, tiny_mc_data, tmp_path, subprocess_env, stage):
     """bf16 at ZeRO-0 and ZeRO-3 tracks the fp32 single-process reference within bf16 noise (as measured by the
     reference itself under bf16 autocast), and far closer than the same reference without preconditioning is (so
     the bf16 path really preconditions)."""
-    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": name, "lr": lr},
-                        scheduler={"name": "constant", "warmup_steps": 0}, deepspeed=f"ds_configs/zero{stage}.json")
-    reference = reference_run(config, WORLD_SIZE).adapters
+    name, reference, gap, noise = bf16_case
+    config = bf16_config(name, tiny_model_dir, tiny_mc_data, tmp_path / "out", stage)
     launch({**config, "model": {**config["model"], "dtype": "bfloat16"}}, tmp_path, subprocess_env)
     error = global_relative_error(checkpoint_adapters(tmp_path / "out"), reference)
-    plain = reference_run({**config, "optimizer": {**config["optimizer"], "name": plain}}, WORLD_SIZE).adapters
-    gap = global_relative_error(plain, reference)
-    noise = global_relative_error(reference_run(config, WORLD_SIZE, bf16_autocast=True).adapters, reference)
-    assert error < bf16_bound(gap, noise), (f"bf16 error {error:.3f}, the reference under bf16 autocast {noise:.3f}, "
-                                            f"unpreconditioned gap {gap:.3f}")
+    assert error < bf16_bound(gap, noise), (f"{name} ZeRO-{stage}: bf16 error {error:.3f}, the reference under bf16 "
+                                            f"autocast {noise:.3f}, unpreconditioned gap {gap:.3f}")
 
 
 @pytest.mark.distributed
