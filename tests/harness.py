@@ -4,10 +4,12 @@ and its single-process reference; reading trained adapters back from a checkpoin
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import socket
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,13 +384,28 @@ def load_in_plain_transformers(model_dir: Path, input_ids: torch.Tensor, workdir
     return torch.load(workdir / "loaded.pt")
 
 
+def deepspeed_command(world_size: int, *script: str, cli: bool = False) -> list[str]:
+    """The command that runs `script` (a path and its arguments) on `world_size` local DeepSpeed ranks.
+
+    `cli`: `deepspeed --num_gpus N ...`, as a user starts it. Otherwise the per-node launcher that command runs,
+    `python -m deepspeed.launcher.launch`, with the arguments the CLI gives it for one node: the same ranks and
+    environment, without the CLI's own start-up (it imports all of DeepSpeed to build this command: ~2.5 s of
+    every launch on a 2-core CPU). Tests of what users see from the launcher use the CLI."""
+    port = str(free_port())
+    if cli:
+        return ["deepspeed", "--num_gpus", str(world_size), "--master_port", port, *script]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(world_size))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", *script]
+
+
 def launch(config: dict, workdir: Path, env: dict, *extra: str, world_size: int = 2,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N launcher/train.py --config FILE [overrides]`, as a user starts it."""
+           check: bool = True, cli: bool = False) -> subprocess.CompletedProcess:
+    """`launcher/train.py --config FILE [overrides]` on `world_size` DeepSpeed ranks (`deepspeed_command`)."""
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = ["deepspeed", "--num_gpus", str(world_size), "--master_port", str(free_port()),
-               str(REPO / "launcher" / "train.py"), "--config", str(path), *extra]
+    command = deepspeed_command(world_size, str(REPO / "launcher" / "train.py"), "--config", str(path), *extra,
+                                cli=cli)
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
@@ -32,6 +33,11 @@ class MoELoRAConfig:
     """"sqrt": expert gradients weighted by sqrt(gate) (the paper); "none": plain gating."""
     router_aux_loss_coef: float = 0.0
     """Coefficient of the load-balancing loss coef * E * sum_e f_e * P_e; 0 turns it off."""
+    router_z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss coef * mean(logsumexp(logits)^2); 0 turns it off."""
+    router_noise: float = 0.0
+    """Standard deviation of the Gaussian noise added to the router logits to choose the top-k experts while
+    training (the gates keep the noise-free probabilities); 0 turns it off, dense routing ignores it."""
 
     def __post_init__(self) -> None:
         def fail(key: str, expected: str) -> None:
@@ -62,9 +68,10 @@ class MoELoRAConfig:
             self.target_modules = list(self.target_modules)
         if self.gate_rescale not in ("sqrt", "none"):
             fail("gate_rescale", "'sqrt' or 'none'")
-        if (isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float))
-                or self.router_aux_loss_coef < 0):
-            fail("router_aux_loss_coef", "a non-negative number")
+        for key in ("router_aux_loss_coef", "router_z_loss_coef", "router_noise"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                fail(key, "a non-negative number")
 
     @property
     def scaling(self) -> float:

@@ -13,6 +13,7 @@ from torch.nn.utils import skip_init
 from moelora_ds.adapters.config import MoELoRAConfig
 from moelora_ds.adapters.dropout import SeededDropout
 from moelora_ds.adapters.preconditioner import precondition_factors
+from moelora_ds.adapters.routing_noise import routing_noise
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
@@ -31,12 +32,20 @@ def _softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.transpose(-1, -2), dim=-2).transpose(-1, -2).contiguous()
 
 
-def route(logits: torch.Tensor, top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gates (softmax, then top-k mask and renormalisation) and the dense softmax probabilities, in fp32 or better."""
+def route(logits: torch.Tensor, top_k: Optional[int],
+          noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates (softmax, then top-k mask and renormalisation) and the dense softmax probabilities, in fp32 or better.
+
+    `noise` (same shape as `logits`) is added to the logits only to choose the top-k experts (noisy top-k
+    selection); the gates are the noise-free probabilities of the chosen experts, renormalised."""
     probs = _softmax_over_experts(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     if top_k is None:
         return probs, probs
-    kept, index = probs.topk(top_k, dim=-1)
+    if noise is None:
+        kept, index = probs.topk(top_k, dim=-1)
+    else:
+        index = (logits.to(probs.dtype) + noise.to(probs.dtype)).topk(top_k, dim=-1).indices
+        kept = probs.gather(-1, index)
     gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(dim=-1, keepdim=True))
     return gates, probs
 
@@ -47,6 +56,12 @@ def load_balancing_loss(gates: torch.Tensor, probs: torch.Tensor, coef: float) -
     routed = (gates > 0).to(probs.dtype)
     share = routed.sum(0) / routed.sum().clamp_min(1.0)
     return coef * num_experts * (share * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef * mean over tokens of logsumexp(logits)^2 (ST-MoE's router z-loss), in fp32 or better."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return coef * torch.logsumexp(logits, dim=-1).square().mean()
 
 
 class _RoutedExperts(torch.autograd.Function):
@@ -116,10 +131,17 @@ class MoELoRALinear(nn.Module):
         self.top_k = config.routed_top_k
         self.gate_rescale = config.gate_rescale
         self.aux_loss_coef = config.router_aux_loss_coef
+        self.z_loss_coef = config.router_z_loss_coef
+        self.router_noise = config.router_noise
+        self.noise_seed = init_seed
+        self.noise_key: Optional[int] = None
+        """Key of the routing noise of the next training forward (routing_noise.py); None: a count of this layer's
+        training forwards."""
+        self._training_forwards = 0
         self.riemannian_reg: Optional[float] = None
         """Damping delta of the Riemannian preconditioner; None leaves expert gradients as they are."""
         self.aux_loss: Optional[torch.Tensor] = None
-        """Load-balancing loss of the last training forward (None when the coefficient is 0)."""
+        """Router loss terms of the last training forward, load balancing and z-loss (None when both are off)."""
         self.routing_stats: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
         """Called with (gates, probs) on every forward when set (adapters/routing_stats.py)."""
 
@@ -157,9 +179,9 @@ class MoELoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = F.linear(x, self.weight, self.bias)
         tokens = x.reshape(-1, self.in_features)
-        gates, probs = route(self.router(tokens), self.top_k)
-        self.aux_loss = (load_balancing_loss(gates, probs, self.aux_loss_coef)
-                         if self.aux_loss_coef > 0 and self.training else None)
+        logits = self.router(tokens)
+        gates, probs = route(logits, self.top_k, self._selection_noise(logits))
+        self.aux_loss = self._router_losses(logits, gates, probs) if self.training else None
         if self.routing_stats is not None:
             self.routing_stats(gates, probs)
 
@@ -168,6 +190,24 @@ class MoELoRALinear(nn.Module):
             lora_A, lora_B = precondition_factors(lora_A, lora_B, self.riemannian_reg)
         h = self._rank_space(tokens, lora_A)
         return _RoutedExperts.apply(base_out, h, gates, lora_B, self.scaling, self.gate_rescale == "sqrt")
+
+    def _selection_noise(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """router_noise x standard normal noise for the top-k choice of a training forward, else None."""
+        if not (self.training and self.top_k is not None and self.router_noise > 0):
+            return None
+        key = self.noise_key
+        if key is None:
+            self._training_forwards += 1
+            key = self._training_forwards
+        return routing_noise(tuple(logits.shape), self.noise_seed, key, logits.device).mul_(self.router_noise)
+
+    def _router_losses(self, logits: torch.Tensor, gates: torch.Tensor, probs: torch.Tensor) -> Optional[torch.Tensor]:
+        terms = []
+        if self.aux_loss_coef > 0:
+            terms.append(load_balancing_loss(gates, probs, self.aux_loss_coef))
+        if self.z_loss_coef > 0:
+            terms.append(router_z_loss(logits, self.z_loss_coef))
+        return sum(terms) if terms else None
 
     def _rank_space(self, tokens: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
         """Every expert's A_e dropout(x), (tokens, E, r): one mask shared by all experts, or one per expert."""
@@ -178,4 +218,5 @@ class MoELoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, rank={self.rank}, "
-                f"top_k={self.top_k}, gate_rescale={self.gate_rescale}, dropout_per_expert={self.dropout_per_expert}")
+                f"top_k={self.top_k}, router_noise={self.router_noise}, "
+                f"gate_rescale={self.gate_rescale}, dropout_per_expert={self.dropout_per_expert}")

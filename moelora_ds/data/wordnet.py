@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 LETTERS = ("A", "B", "C", "D")
@@ -50,6 +50,8 @@ class Synset:
     lexname: str
     lemmas: tuple[str, ...]
     definition: str
+    hypernyms: tuple[int, ...] = ()
+    """Offsets of the synset's hypernyms and instance hypernyms (same part of speech)."""
 
 
 def _definition(gloss: str) -> str:
@@ -77,8 +79,12 @@ def load_synsets(wordnet_dir: str = DEFAULT_WORDNET_DIR) -> list[Synset]:
                 count = int(fields[3], 16)
                 words = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in fields[4:4 + 2 * count:2]]
                 definition = _definition(gloss)
+                pointer_count = int(fields[4 + 2 * count])
+                pointers = fields[5 + 2 * count:5 + 2 * count + 4 * pointer_count]
+                hypernyms = tuple(int(pointers[i + 1]) for i in range(0, len(pointers), 4) if pointers[i] in ("@", "@i"))
                 if definition:
-                    synsets.append(Synset(pos, int(fields[0]), LEXNAMES[int(fields[1])], tuple(words), definition))
+                    synsets.append(Synset(pos, int(fields[0]), LEXNAMES[int(fields[1])], tuple(words), definition,
+                                          hypernyms))
     return synsets
 
 
@@ -171,10 +177,13 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the WordNet definition multiple-choice data set "
+def build_and_write(argv: Optional[list[str]], build: Callable[..., dict[str, list[dict]]], name: str,
+                    default_out: str) -> int:
+    """The command line of a WordNet quiz builder: `build(seed, train_size, test_size, wordnet_dir)` into
+    OUT/train.jsonl and OUT/test.jsonl."""
+    parser = argparse.ArgumentParser(description=f"Build the WordNet {name} multiple-choice data set "
                                                  "(train.jsonl and test.jsonl, chat format).")
-    parser.add_argument("--out", default="data/wordnet", help="output directory (default: data/wordnet)")
+    parser.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=500)
@@ -183,18 +192,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        splits = build_dataset(args.seed, args.train_size, args.test_size, args.wordnet_dir)
+        splits = build(args.seed, args.train_size, args.test_size, args.wordnet_dir)
     except (WordNetNotFoundError, ValueError) as error:
-        print(f"build_wordnet_data: {error}", file=sys.stderr)
+        print(f"wordnet {name} quiz: {error}", file=sys.stderr)
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, records in splits.items():
-        write_jsonl(out / f"{name}.jsonl", records)
+    for split, records in splits.items():
+        write_jsonl(out / f"{split}.jsonl", records)
     print(f"wrote {len(splits['train'])} train and {len(splits['test'])} test questions to {out} "
           f"in {time.perf_counter() - started:.1f} s")
     return 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return build_and_write(argv, build_dataset, "definition", "data/wordnet")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from moelora_ds.adapters.dropout import dropout_generator, use_dropout_generator
 from moelora_ds.adapters.inject import inject_moelora, router_aux_loss
+from moelora_ds.adapters.routing_noise import set_routing_noise_key
 from moelora_ds.checkpoints.compatibility import data_fingerprint
 from moelora_ds.checkpoints.locate import CHECKPOINTS, read_run_info
 from moelora_ds.checkpoints.reshard import convert_data_position, saved_units_per_batch
@@ -201,6 +202,7 @@ class Trainer:
         weight = self.token_weight(labelled)
         losses, tokens = [], 0
         for micro, batch in enumerate(batches):
+            set_routing_noise_key(self.engine.module, (self.step * micro_batches + micro) * self.world_size + self.rank)
             tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
             recording = (self.health.recording(host_to_device(batch["attention_mask"], self.device))
                          if self.health is not None else nullcontext())

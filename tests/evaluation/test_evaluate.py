@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 
 import pytest
@@ -25,6 +24,7 @@ from moelora_ds.evaluation.evaluate import (
 )
 
 from conftest import REPO, build_tiny_model, build_tokenizer, multiple_choice_records, write_jsonl
+from harness import deepspeed_command
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -191,11 +191,8 @@ def test_distributed_evaluation_matches_single_process(tmp_path, model, tiny_tok
 @pytest.mark.distributed
 def test_zero3_engine_evaluation_matches_single_process(tmp_path, model, tiny_tokenizer, subprocess_env):
     """Two DeepSpeed ranks with the tiny model partitioned by ZeRO-3 and an uneven shard (11 records)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     probe = REPO / "tests" / "evaluate_zero3_probe.py"
-    run = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(probe), str(tmp_path)],
+    run = subprocess.run(deepspeed_command(2, str(probe), str(tmp_path)),
                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -221,15 +218,15 @@ def test_checkpoint_evaluated_partitioned_like_training(tmp_path, tiny_model_dir
 
     from moelora_ds.evaluation.models import load_for_eval
 
-    from harness import free_port, launch, load_config_from_dict, run_config
+    from harness import launch, load_config_from_dict, run_config
 
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", train={"max_steps": 3})
     config["data"]["eval_path"] = str(tiny_mc_data["test"])
     launch(config, tmp_path, subprocess_env)
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
-    run = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                          str(REPO / "launcher" / "eval.py"), "--config", str(tmp_path / "eval.yaml"),
-                          "--checkpoint", str(tmp_path / "out"), "--json-out", str(tmp_path / "eval.json")],
+    run = subprocess.run(deepspeed_command(2, str(REPO / "launcher" / "eval.py"), "--config",
+                                           str(tmp_path / "eval.yaml"),
+                          "--checkpoint", str(tmp_path / "out"), "--json-out", str(tmp_path / "eval.json")),
                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     sharded = json.loads((tmp_path / "eval.json").read_text())

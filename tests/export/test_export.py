@@ -27,8 +27,7 @@ from moelora_ds.export.exporter import REMOTE_CODE, export_merged
 from moelora_ds.export.safetensors_stream import INDEX_FILE, ShardedSafetensorsWriter, iter_safetensors, parse_size
 
 from conftest import REPO, build_tiny_model, tiny_model_config
-from harness import load_in_plain_transformers
-from slurm_cluster import free_ports
+from harness import deepspeed_command, load_in_plain_transformers
 
 ROUTED = {"num_experts": 4, "rank": 4, "alpha": 8.0, "top_k": 2, "dropout": 0.1, "dropout_per_expert": True}
 SINGLE = {"num_experts": 1, "rank": 4, "alpha": 8.0, "top_k": None, "dropout": 0.1}
@@ -268,9 +267,8 @@ def train(root: Path, model_dir: Path, data: dict, env: dict, *, adapter: dict, 
               "train": {"max_steps": STEPS, "micro_batch_size": 2, "seed": 7, "output_dir": str(root / "run")},
               "deepspeed": f"ds_configs/zero{stage}.json"}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    (port,) = free_ports(1)
-    result = subprocess.run(["deepspeed", "--num_gpus", str(world_size), "--master_port", str(port),
-                             str(REPO / "launcher" / "train.py"), "--config", str(root / "config.yaml")],
+    result = subprocess.run(deepspeed_command(world_size, str(REPO / "launcher" / "train.py"), "--config",
+                                              str(root / "config.yaml")),
                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return root / "run"

@@ -24,7 +24,7 @@ from moelora_ds.telemetry.metrics import read_metrics
 from moelora_ds.training.schedule import lr_multiplier
 
 from conftest import REPO, multiple_choice_records, write_jsonl
-from harness import checkpoint_adapters, free_port, launch, run_config
+from harness import checkpoint_adapters, deepspeed_command, launch, run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -151,8 +151,7 @@ def test_a_nonfinite_state_is_never_saved(tiny_model_dir, tiny_mc_data, tmp_path
     out = tmp_path / "out"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_config(tiny_model_dir, tiny_mc_data, out)))
     (tmp_path / "probe.py").write_text(SAVE_PROBE.format(repo=str(REPO)))
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                             str(tmp_path / "probe.py"), str(tmp_path / "config.yaml")],
+    result = subprocess.run(deepspeed_command(2, str(tmp_path / "probe.py"), str(tmp_path / "config.yaml")),
                             env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     refused = re.findall(r"REFUSED rank \d: [^\n]*", result.stdout)

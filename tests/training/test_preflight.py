@@ -135,7 +135,7 @@ def test_launcher_exits_fast_with_one_message_per_rank(case, tiny_model_dir, tin
     config, message = case_config(case, tiny_model_dir, tiny_mc_data, tmp_path)
     pattern = message.format(file=re.escape(str(tmp_path / "config.yaml")))
     started = time.monotonic()
-    result = launch(config, tmp_path, slow_rank_env, check=False)
+    result = launch(config, tmp_path, slow_rank_env, check=False, cli=True)
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
@@ -160,7 +160,7 @@ def test_launcher_reports_a_malformed_data_line(tiny_model_dir, tiny_mc_data, tm
     lines = tiny_mc_data["train"].read_text().splitlines()
     bad.write_text("\n".join(lines[:6] + ['{"messages": [unquoted]}'] + lines[6:]) + "\n")
     config = run_config(tiny_model_dir, {"train": bad}, tmp_path / "out")
-    result = launch(config, tmp_path, subprocess_env, check=False)
+    result = launch(config, tmp_path, subprocess_env, check=False, cli=True)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     expected = f"moelora-train: data error: data.train_path: {bad}:7: line 7 is not valid JSON"

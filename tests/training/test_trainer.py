@@ -21,7 +21,7 @@ from conftest import REPO
 from harness import (
     bf16_bound,
     checkpoint_adapters,
-    free_port,
+    deepspeed_command,
     global_relative_error,
     launch,
     load_config_from_dict,
@@ -151,8 +151,8 @@ def run_probe(body: str, config: dict, tmp_path: Path, env: dict) -> list[dict]:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE_PRELUDE.format(repo=str(REPO)) + body + "end_rank_process(0)\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(probe),
-                             str(tmp_path / "config.yaml")], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(deepspeed_command(2, str(probe), str(tmp_path / "config.yaml")), env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
     assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout[-3000:]
