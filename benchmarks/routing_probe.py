@@ -14,6 +14,7 @@ Per layer and step it records
 and writes OUT.json: per step the sums/medians over layers, per layer at a few steps.
 
 Run:  python benchmarks/routing_probe.py --steps 50 --out OUT [--config FILE] [--key=value ...]
+      python benchmarks/routing_probe.py --report [DIR]   (the table of DIR/*.json into RESULTS.md, `routing_probe`)
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from moelora_ds.adapters.dropout import dropout_generator, use_dropout_generator  # noqa: E402
 from moelora_ds.adapters.inject import inject_moelora, moelora_layers, router_aux_loss  # noqa: E402
@@ -129,16 +132,64 @@ def probe(config, steps: int, log=print) -> dict:
     return {"steps": records, "per_layer": per_layer}
 
 
+def report_rows(directory: Path) -> list[str]:
+    """One markdown row per probe file: arm (its overrides), seed, and its figures at steps 1, 10, 25 and 50."""
+    rows = []
+    for path in sorted(directory.glob("*.json")):
+        result = json.loads(path.read_text())
+        by_step = {r["step"]: r for r in result["steps"]}
+        last = max(by_step)
+        at = [s for s in (1, 10, 25, last) if s in by_step]
+        overrides = " ".join(o for o in result["config"]["overrides"]
+                             if not o.startswith(("--train.seed", "--train.micro_batch_size"))) or "quickstart"
+        if "moelora" not in result["config"] and "router_aux_loss_coef" not in overrides:
+            overrides = "--moelora.router_aux_loss_coef=0" + ("" if overrides == "quickstart" else " " + overrides)
+        seed = next((o.split("=")[1] for o in result["config"]["overrides"] if o.startswith("--train.seed")), "42")
+        late = [r["loss"] for r in result["steps"][-10:]]
+        rows.append(f"| {overrides} | {seed} | " + " / ".join(str(by_step[s]["dead"]) for s in at)
+                    + f" | {by_step[last]['layers_with_dead']} | {by_step[last]['entropy']:.3f} | "
+                    + " / ".join(f"{by_step[s]['router_over_experts']:.2g}" for s in at[1:])
+                    + f" | {by_step[last]['spread']:.3f} / {by_step[last]['offset']:.3f} | "
+                    + f"{sum(late) / len(late):.3f} |")
+    return rows
+
+
+def write_report(directory: Path) -> None:
+    from bench_utils import cpu_kind, update_results
+
+    header = ("| arm (overrides of the quickstart recipe) | seed | dead experts of 480 at step 1 / 10 / 25 / 50 | "
+              "layers with "
+              "a dead expert (50) | router entropy (50; ln 4 = 1.386) | router / expert gradient norm, median "
+              "layer, step 10 / 25 / 50 | logit spread / shared offset (50) | loss, steps 41-50 |\n"
+              "|---|---|---|---|---|---|---|---|")
+    command = f"python benchmarks/routing_probe.py --report {directory.relative_to(REPO_ROOT)}"
+    body = (f"Routing over the first 50 steps of the quickstart recipe, one process, batch 16 (`{command}`; "
+            f"machine: {cpu_kind()}). "
+            "Dead: under 1% of the layer's routed slots in that step's batch. Spread: the std of a logit over the "
+            "batch's tokens (what tells tokens apart); offset: the std over experts of the mean logit (a preference "
+            "every token shares). Gradients as the optimizer sees them (experts preconditioned).\n\n"
+            + header + "\n" + "\n".join(report_rows(directory)))
+    update_results(REPO_ROOT / "benchmarks" / "RESULTS.md", "routing_probe", body)
+    print(body)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "launcher/configs/quickstart.yaml"))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json")
+    parser.add_argument("--out", type=Path, help="writes OUT.json")
+    parser.add_argument("--report", type=Path, nargs="?", const=REPO_ROOT / "benchmarks" / "routing_probe")
     args, overrides = parser.parse_known_args(argv)
+    if args.report:
+        write_report(args.report.resolve())
+        return
+    if args.out is None:
+        parser.error("--out is required unless --report")
     config = load_config(args.config, overrides)
     result = probe(config, args.steps)
-    result["config"] = {"file": args.config, "overrides": overrides}
-    out = args.out.with_suffix(".json")
+    result["config"] = {"file": args.config, "overrides": overrides, "moelora": config.moelora.to_dict(),
+                        "optimizer": asdict(config.optimizer)}
+    out = args.out.parent / f"{args.out.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result))
     print(f"wrote {out}")

@@ -107,11 +107,14 @@ def save_tiny_model_dir(path: Path, tokenizer=None) -> Path:
 
 
 def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -> dict:
-    """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2, 10 steps."""
+    """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2, 10 steps.
+
+    Without router loss terms: their gradients reach the routers from step 1 at sizes where Adam's update is nearly
+    sign(g), so rounding (the order ranks sum in) decides signs; the trainer tests cover them with SGD."""
     config = {
         "model": {"name_or_path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32"},
         "moelora": {"num_experts": 4, "rank": 4, "alpha": 8, "dropout": 0.0, "top_k": 2, "gate_rescale": "sqrt",
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "router_aux_loss_coef": 0.0},
         "optimizer": {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "router_lr": 5e-3},
         "scheduler": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
         "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},
@@ -199,10 +202,13 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
     micro-batches. `reverse_order` takes the micro-batches, and the rows of each, in reverse order: the same
     sums in another order, so the result differs from the plain reference by rounding only. The optimizer is the
     run's own (build_optimizer), or with `plain` the method written out (PlainAdamW). The loss is normalised as
-    train.loss_normalization says: by the labelled tokens of the whole global batch, or per micro-batch.
+    train.loss_normalization says: by the labelled tokens of the whole global batch, or per micro-batch; each
+    micro-batch's router loss terms are added divided by the number of micro-batches (the trainer adds them to
+    every micro-batch's loss, which DeepSpeed averages); the returned losses are the task loss, as logged.
     `bf16_autocast` computes forward and backward in bf16 from the fp32 weights (what a bf16 run with fp32 master
     weights does, its noise without DeepSpeed)."""
-    from moelora_ds.adapters.inject import adapter_parameters
+    from moelora_ds.adapters.inject import adapter_parameters, router_aux_loss
+    from moelora_ds.adapters.routing_noise import set_routing_noise_key
     from moelora_ds.training.loss import labelled_tokens
     from moelora_ds.training.optimizers import build_optimizer
     from moelora_ds.training.schedule import lr_multiplier
@@ -220,7 +226,9 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
         batches = [next(shard) for _ in range(cfg.train.grad_accum) for shard in shards]
         labelled = sum(labelled_tokens(batch["labels"]) for batch in batches)
         step_loss = 0.0
-        for batch in reversed(batches) if reverse_order else batches:
+        for position, batch in reversed(list(enumerate(batches))) if reverse_order else enumerate(batches):
+            # the routing noise's key as the trainer sets it on rank r for its micro-batch m: position m * ranks + r
+            set_routing_noise_key(model, index * len(batches) + position)
             batch = {k: v.flip(0) if reverse_order else v for k, v in batch.items()}
             inputs = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast):
@@ -228,7 +236,8 @@ def reference_run(config: dict, world_size: int, device: str = "cpu", reverse_or
                     loss = model(**inputs, num_items_in_batch=labelled).loss
                 else:
                     loss = model(**inputs).loss / len(batches)
-            loss.backward()
+            aux = router_aux_loss(model)  # each micro-batch's router loss, averaged like the ranks' and micro-batches'
+            (loss if aux is None else loss + aux / len(batches)).backward()
             step_loss += loss.item()
         losses.append(step_loss)
         if plain:

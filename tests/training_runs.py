@@ -12,7 +12,7 @@ import yaml
 from moelora_ds.telemetry.metrics import read_metrics
 
 from conftest import REPO
-from slurm_cluster import free_ports
+from harness import deepspeed_command
 
 STEPS = 8
 WORLD_SIZE = 2
@@ -54,9 +54,8 @@ def tiny_run(tmp_path_factory, model_dir: Path, data: dict[str, Path], env: dict
         write_tiny_config(config, model_dir, data)
         output_dir = root / "deepspeed"
         shutil.rmtree(output_dir, ignore_errors=True)
-        (port,) = free_ports(1)
-        result = subprocess.run(["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(port),
-                                 str(TRAIN_SCRIPT), "--config", str(config), f"--train.output_dir={output_dir}"],
+        result = subprocess.run(deepspeed_command(WORLD_SIZE, str(TRAIN_SCRIPT), "--config", str(config),
+                                                  f"--train.output_dir={output_dir}"),
                                 cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"reference run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         _reference_losses[config] = losses(output_dir)

@@ -31,8 +31,10 @@ class MoELoRAConfig:
     "all-linear", module-name suffixes (a list), or a regex matched against the full module path (another string)."""
     gate_rescale: GateRescale = "sqrt"
     """"sqrt": expert gradients weighted by sqrt(gate) (the paper); "none": plain gating."""
-    router_aux_loss_coef: float = 0.0
-    """Coefficient of the load-balancing loss coef * E * sum_e f_e * P_e; 0 turns it off."""
+    router_aux_loss_coef: float = 0.01
+    """Coefficient of every layer's load-balancing loss coef * E * sum_e f_e * P_e (f_e: expert e's share of the routed
+    slots, P_e: its mean router probability), added to the training loss; 0 turns it off. Without it the routers learn
+    a preference all tokens share and a fifth of the experts never get a token (benchmarks/RESULTS.md, routing)."""
     router_z_loss_coef: float = 0.0
     """Coefficient of the router z-loss coef * mean(logsumexp(logits)^2); 0 turns it off."""
     router_noise: float = 0.0

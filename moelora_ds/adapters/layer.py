@@ -130,8 +130,9 @@ class MoELoRALinear(nn.Module):
         self.scaling = config.scaling
         self.top_k = config.routed_top_k
         self.gate_rescale = config.gate_rescale
-        self.aux_loss_coef = config.router_aux_loss_coef
-        self.z_loss_coef = config.router_z_loss_coef
+        routed = self.num_experts > 1  # one expert: its gate is always 1, there is nothing to balance
+        self.aux_loss_coef = config.router_aux_loss_coef if routed else 0.0
+        self.z_loss_coef = config.router_z_loss_coef if routed else 0.0
         self.router_noise = config.router_noise
         self.noise_seed = init_seed
         self.noise_key: Optional[int] = None

@@ -22,9 +22,9 @@ HEAT_MAP_FILE = "expert_health.png"
 SUMMARY_KEYS = ("expert_share_min", "expert_share_max", "router_entropy", "router_confident", "dead_experts")
 """What a logged step's metrics record gets: the smallest and largest expert share over all layers, the mean router
 entropy (nats) and confidently routed fraction over the layers, and the number of dead experts in all layers."""
-ALARM_ADVICE = ("the router is not spreading tokens over the experts: try a larger router learning rate "
-                "(optimizer.router_lr) or a load-balancing loss (moelora.router_aux_loss_coef, e.g. 0.01; "
-                "raise it if it is already on)")
+ALARM_ADVICE = ("the router is not spreading tokens over the experts: try a stronger load-balancing loss "
+                "(moelora.router_aux_loss_coef, default 0.01; e.g. 0.05) or a larger router learning rate "
+                "(optimizer.router_lr)")
 ALARM_LAYERS_NAMED = 4
 """Layers a collapse warning names one by one; the rest are counted."""
 

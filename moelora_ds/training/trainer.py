@@ -70,6 +70,9 @@ def build_model(config: RunConfig, ds_config: dict, model_dir: Path):
 @dataclass
 class StepStats:
     loss: float
+    """The task loss (mean over micro-batches and ranks; token-weighted under loss_normalization=tokens)."""
+    router_loss: Optional[float]
+    """The router loss terms added to it (moelora.router_aux_loss_coef, router_z_loss_coef), same mean; None: off."""
     tokens: int
     """This rank's non-padding tokens."""
     labelled: int
@@ -200,7 +203,7 @@ class Trainer:
         batches = [next(batch_iter) for _ in range(micro_batches)]
         labelled = sum(labelled_tokens(batch["labels"]) for batch in batches)
         weight = self.token_weight(labelled)
-        losses, tokens = [], 0
+        losses, router_losses, tokens = [], [], 0
         for micro, batch in enumerate(batches):
             set_routing_noise_key(self.engine.module, (self.step * micro_batches + micro) * self.world_size + self.rank)
             tokens += int(np.count_nonzero(batch["attention_mask"].numpy()))
@@ -212,17 +215,22 @@ class Trainer:
                     loss = causal_lm_loss(self.engine, batch, self.device, chunk_tokens=chunk)
                 else:
                     loss = causal_lm_loss(self.engine, batch, self.device, reduction="sum", chunk_tokens=chunk) * weight
+            losses.append(loss.detach().double())
             aux = router_aux_loss(self.engine.module)
             if aux is not None:
+                router_losses.append(aux.detach().double())
                 loss = loss + aux.to(loss.dtype)
-            losses.append(loss.detach().double())
             self.engine.backward(loss)
             if micro < micro_batches - 1:
                 self.engine.step()
         step_losses = torch.stack(losses)
+        if router_losses:
+            step_losses = step_losses + torch.stack(router_losses)  # a non-finite router loss discards the step too
         nonfinite_losses = (~torch.isfinite(step_losses)).unbind()
-        loss_sum, *nonfinite, bad_grads = all_sum(
-            [step_losses.sum(), *nonfinite_losses, nonfinite_gradients(self.engine, self.device)], self.device)
+        router_sum = torch.stack(router_losses).sum() if router_losses else torch.zeros((), dtype=torch.float64)
+        loss_sum, router_sum, *nonfinite, bad_grads = all_sum(
+            [torch.stack(losses).sum(), router_sum, *nonfinite_losses, nonfinite_gradients(self.engine, self.device)],
+            self.device)
         guard.losses(nonfinite, self.world_size)
         own_norm = own_grad_norm(self.engine)
         if bad_grads:
@@ -230,7 +238,9 @@ class Trainer:
         self.engine.step()
         skipped = guard.outcome(self.engine.was_step_applied(), bool(bad_grads), self.engine.get_global_grad_norm(),
                                 self.engine.fp16_enabled(), self.scheduler.step)
-        return StepStats(loss=loss_sum / (micro_batches * self.world_size), tokens=tokens, labelled=labelled,
+        count = micro_batches * self.world_size
+        return StepStats(loss=loss_sum / count, router_loss=router_sum / count if router_losses else None,
+                         tokens=tokens, labelled=labelled,
                          grad_norm=grad_norm_share(self.engine, own_norm, self.rank), skipped=skipped)
 
     def token_weight(self, labelled: int) -> Optional[torch.Tensor]:
@@ -289,7 +299,9 @@ class Trainer:
             self.engine, self.device, f"after step {self.step}", also_sum=[
                 stats.tokens, stats.labelled, float(self.preemption.raised), stats.grad_norm if known_norm else 0.0,
                 self.cadence.clock_vote()])
-        record = {"step": self.step, "loss": stats.loss, "lr": lr, "epoch": self.batches.state_dict()["epoch"],
+        record = {"step": self.step, "loss": stats.loss, **({} if stats.router_loss is None else
+                                                            {"router_loss": stats.router_loss}),
+                  "lr": lr, "epoch": self.batches.state_dict()["epoch"],
                   **self.figures.step(time.perf_counter() - started, tokens, labelled,
                                       grad_norm if known_norm else None)}
         if stats.skipped:

@@ -238,10 +238,15 @@ def test_load_balancing_loss_by_hand(top_k):
     assert layer.aux_loss is None
 
 
-def test_load_balancing_loss_off_by_default():
+def test_load_balancing_loss_on_by_default_off_at_zero_and_for_one_expert():
+    x = torch.randn(4, 12, dtype=torch.float64)
     layer = make_layer(top_k=2).train()
-    layer(torch.randn(4, 12, dtype=torch.float64))
-    assert layer.aux_loss is None
+    layer(x)
+    torch.testing.assert_close(layer.aux_loss, hand_aux_loss(x, layer.router.weight.detach(), 2, 0.01), rtol=1e-10,
+                               atol=1e-12)
+    for off in (make_layer(top_k=2, router_aux_loss_coef=0.0), make_layer(num_experts=1, router_z_loss_coef=0.1)):
+        off.train()(x)
+        assert off.aux_loss is None
 
 
 def layer_pair(**config) -> tuple[MoELoRALinear, MoELoRALinear]:

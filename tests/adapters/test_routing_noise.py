@@ -84,7 +84,7 @@ def test_unkeyed_noise_changes_every_training_forward():
 
 
 def test_z_loss_by_hand():
-    layer = make_layer(num_experts=2, top_k=None, router_z_loss_coef=0.1).train()
+    layer = make_layer(num_experts=2, top_k=None, router_z_loss_coef=0.1, router_aux_loss_coef=0.0).train()
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[1, 0] = math.log(3.0)
@@ -105,6 +105,6 @@ def test_z_loss_adds_to_load_balancing():
     x = torch.randn(9, 12, dtype=torch.float64)
     both(x)
     balance = make_layer(top_k=2, router_aux_loss_coef=0.05).train()
-    z = make_layer(top_k=2, router_z_loss_coef=0.1).train()
+    z = make_layer(top_k=2, router_z_loss_coef=0.1, router_aux_loss_coef=0.0).train()
     balance(x), z(x)
     torch.testing.assert_close(both.aux_loss, balance.aux_loss + z.aux_loss, rtol=1e-12, atol=0)

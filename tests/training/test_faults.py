@@ -22,8 +22,7 @@ import pytest
 
 from moelora_ds.checkpoints.locate import LATEST, TMP_PREFIX
 
-from harness import checkpoint_adapters
-from slurm_cluster import free_ports
+from harness import checkpoint_adapters, deepspeed_command
 from training_runs import TRAIN_SCRIPT, WORLD_SIZE, catches, losses, rank_pids, tiny_run
 
 pytestmark = pytest.mark.distributed
@@ -35,16 +34,13 @@ def reference(tmp_path_factory, tiny_model_dir, tiny_mc_data, subprocess_env) ->
 
 
 def start(config: Path, output_dir: Path, env: dict, *overrides: str) -> subprocess.Popen:
-    """`deepspeed --num_gpus 2 launcher/train.py --config CONFIG --train.output_dir=OUTPUT_DIR [overrides]`.
-
-    Its output goes to OUTPUT_DIR.log (see `log`).
+    """`launcher/train.py --config CONFIG --train.output_dir=OUTPUT_DIR [overrides]` on 2 ranks under DeepSpeed's
+    launcher, which watches them (harness.deepspeed_command). Its output goes to OUTPUT_DIR.log (see `log`).
     """
-    (port,) = free_ports(1)
     with open(output_dir.with_suffix(".log"), "w") as log_file:
-        return subprocess.Popen(["deepspeed", "--num_gpus", str(WORLD_SIZE), "--master_port", str(port),
-                                 str(TRAIN_SCRIPT), "--config", str(config), f"--train.output_dir={output_dir}",
-                                 *overrides], cwd=output_dir.parent, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(deepspeed_command(WORLD_SIZE, str(TRAIN_SCRIPT), "--config", str(config),
+                                                  f"--train.output_dir={output_dir}", *overrides),
+                                cwd=output_dir.parent, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
 
 
 def log(output_dir: Path) -> str:

@@ -90,6 +90,28 @@ def test_stages_match_single_process_reference(optimizer_case, ds_config, checkp
     assert any(trained[k].abs().sum() > 0 for k in trained if k.endswith("lora_B"))
 
 
+@pytest.mark.distributed
+def test_router_losses_and_noise_under_zero3_match_the_reference(tiny_model_dir, tiny_mc_data, tmp_path,
+                                                                   subprocess_env):
+    """Load balancing, z-loss and noisy top-k selection on 2 ZeRO-3 ranks train like the single-process reference, which
+    adds each micro-batch's router loss and keys the noise per micro-batch and rank as the trainer does. SGD: the
+    update is linear in the gradient, so the stage tests' bound holds; the same run without the three is far off."""
+    routing = {"router_aux_loss_coef": 0.05, "router_z_loss_coef": 1e-3, "router_noise": 0.5}
+    config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", moelora=routing,
+                        optimizer={"name": "riemannian_sgd", "lr": 0.2})
+    reference = reference_run(config, WORLD_SIZE)
+    plain = reference_run({**config, "moelora": {**config["moelora"], "router_aux_loss_coef": 0.0,
+                                                 "router_z_loss_coef": 0.0, "router_noise": 0.0}}, WORLD_SIZE)
+    gap = max_relative_error(plain.adapters, reference.adapters)
+    launch(config, tmp_path, subprocess_env)
+    error = max_relative_error(checkpoint_adapters(tmp_path / "out"), reference.adapters)
+    assert error < STAGE_BOUND < gap / 100, (error, gap)
+    records = [r for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert [r["loss"] for r in records] == pytest.approx(reference.losses, rel=1e-5)  # the task loss alone
+    # 8 routed layers, each adding 0.05 * E * sum f_e P_e (1 when balanced) + the z-loss: near 0.4, never 0
+    assert all(0.3 < r["router_loss"] < 1.0 for r in records), [r["router_loss"] for r in records]
+
+
 PAPER_OPTIMIZER = {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "bias_correction": False,
                    "betas": [0.9, 0.999], "eps": 1e-6, "router_lr": 5e-3, "router_clip": ROUTER_CLIP}
 
