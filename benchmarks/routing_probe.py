@@ -115,6 +115,7 @@ def probe(config, steps: int, log=print) -> dict:
         records.append({
             "step": step, "loss": loss_value, "dead": int(summary["dead"].sum()),
             "layers_with_dead": int((summary["dead"] > 0).sum()),
+            "dead_layers": [i for i in range(len(layers)) if summary["dead"][i] > 0],
             "entropy": float(summary["entropy"].mean()),
             "router_g": statistics.median(router_g), "experts_g": statistics.median(experts_g),
             "router_over_experts": statistics.median(ratio),

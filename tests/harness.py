@@ -109,8 +109,9 @@ def save_tiny_model_dir(path: Path, tokenizer=None) -> Path:
 def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -> dict:
     """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2, 10 steps.
 
-    Without router loss terms: their gradients reach the routers from step 1 at sizes where Adam's update is nearly
-    sign(g), so rounding (the order ranks sum in) decides signs; the trainer tests cover them with SGD."""
+    No plots (the tests that draw them say so). Without router loss terms: their gradients reach the routers from
+    step 1 at sizes where Adam's update is nearly sign(g), so rounding (the order ranks sum in) decides signs; the
+    trainer tests cover them with SGD."""
     config = {
         "model": {"name_or_path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32"},
         "moelora": {"num_experts": 4, "rank": 4, "alpha": 8, "dropout": 0.0, "top_k": 2, "gate_rescale": "sqrt",
@@ -119,7 +120,7 @@ def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -
         "scheduler": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
         "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},
         "train": {"max_steps": 10, "micro_batch_size": 2, "grad_accum": 2, "grad_clip": 0.0, "seed": 7,
-                  "output_dir": str(output_dir), "resume": "never"},
+                  "output_dir": str(output_dir), "resume": "never", "plots": False},
         "deepspeed": "ds_configs/zero3.json",
     }
     for section, values in sections.items():

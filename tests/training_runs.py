@@ -28,7 +28,7 @@ def write_tiny_config(path: Path, model_dir: Path, data: dict[str, Path]) -> Pat
         "optimizer": {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3},
         "scheduler": {"name": "linear", "warmup_steps": 2},
         "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},
-        "train": {"max_steps": STEPS, "micro_batch_size": 2, "seed": 7, "log_every": 1},
+        "train": {"max_steps": STEPS, "micro_batch_size": 2, "seed": 7, "log_every": 1, "plots": False},
         "deepspeed": "ds_configs/zero3.json",
     }
     path.write_text(yaml.safe_dump(config))

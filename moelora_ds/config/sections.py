@@ -128,6 +128,9 @@ class TrainLoopConfig:
     heat map as artifacts; each needs its extra (`pip install moelora-ds[mlflow]`, `[wandb]`, `[tensorboard]`)."""
     run_name: Optional[str] = None
     """The run's name in the experiment trackers; null: the name of output_dir."""
+    plots: bool = True
+    """Draw loss_curve.png and expert_health.png into output_dir at the end (matplotlib: a second or two on a small
+    CPU); false writes only their data (metrics.jsonl, expert_health.json)."""
     loss_normalization: Literal["tokens", "sequences"] = "tokens"
     """tokens: the loss of an optimizer step is the mean over all labelled tokens of its global batch (every
     micro-batch, accumulation step and rank), so results do not depend on how the batch is split, and the logged

@@ -197,8 +197,9 @@ class ExpertHealth:
         totals = Path(output_dir) / HEALTH_FILE
         totals.write_text(json.dumps({"steps": self.steps, "dead_share": self.config.dead_share,
                                       "layers": layers_json(self.stats.names, summary)}, indent=1) + "\n")
-        heat_map = plot_heat_maps({steps: summary["share"]}, self.stats.names, Path(output_dir) / HEAT_MAP_FILE,
-                                  "Expert health: share of routed slots per layer and expert")
+        heat_map = (plot_heat_maps({steps: summary["share"]}, self.stats.names, Path(output_dir) / HEAT_MAP_FILE,
+                                   "Expert health: share of routed slots per layer and expert")
+                    if logger.plots else None)
         logger.add_artifact(totals)
         logger.add_artifact(heat_map)
         return heat_map

@@ -24,8 +24,10 @@ class MetricsLogger:
     it resumes from. `add_artifact` names files the trackers get when the logger closes (with the loss curve)."""
 
     def __init__(self, output_dir: Path, total_steps: int, start_step: int,
-                 trackers: Optional[Trackers] = None) -> None:
+                 trackers: Optional[Trackers] = None, plots: bool = True) -> None:
         self.output_dir = Path(output_dir)
+        self.plots = plots
+        """Whether to draw the loss curve at close (train.plots)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= start_step]
@@ -61,7 +63,7 @@ class MetricsLogger:
         """End the progress bar, draw the loss curve (its path, or None) and hand it and the artifacts to the trackers,
         which then end their runs."""
         self.progress.close()
-        curve = plot_loss_curve(self.output_dir)
+        curve = plot_loss_curve(self.output_dir) if self.plots else None
         if self.trackers is not None:
             self.trackers.log_artifacts([*self.artifacts, *([curve] if curve else [])])
             self.trackers.close()

@@ -259,7 +259,8 @@ class Trainer:
         logger = None
         if self.rank == 0:
             trackers = open_trackers(self.config.train, self.output_dir, self.run_info())
-            logger = MetricsLogger(self.output_dir, self.total_steps, self.step, trackers=trackers)
+            logger = MetricsLogger(self.output_dir, self.total_steps, self.step, trackers=trackers,
+                                   plots=self.config.train.plots)
         if self.config.health.enabled:
             self.health = ExpertHealth(self.engine.module, self.config.health, self.device, first_step=self.step + 1)
         batch_iter = iter(self.batches)

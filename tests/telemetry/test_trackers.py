@@ -136,7 +136,7 @@ def test_a_two_rank_run_records_its_step_figures_and_reports_to_mlflow_and_wandb
 
     out = tmp_path / "out"
     config = run_config(tiny_model_dir, tiny_mc_data, out, deepspeed="ds_configs/zero0.json",
-                        train={"max_steps": 3, "grad_clip": 0.5, "report_to": ["mlflow", "wandb"]})
+                        train={"max_steps": 3, "grad_clip": 0.5, "report_to": ["mlflow", "wandb"], "plots": True})
     config["health"] = {"every": 2}
     env = {key: value for key, value in subprocess_env.items() if not key.startswith(("MLFLOW_", "WANDB_"))}
     env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")

@@ -273,6 +273,7 @@ def test_resume_continues_exactly(tiny_model_dir, tiny_mc_data, tmp_path, subpro
     assert resumed[6:] == pytest.approx(full[6:], rel=1e-6, abs=1e-7)
     assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
     assert json.loads((split_dir / "checkpoints" / "step_12" / "moelora_run.json").read_text())["step"] == 12
+    assert not list(split_dir.glob("*.png")) and (split_dir / "expert_health.json").is_file()  # train.plots=false
 
 
 @pytest.mark.distributed
@@ -343,7 +344,7 @@ def test_start_up_advisory_and_collapse_alarm_reach_the_console_once(tiny_model_
     routed slots, below health.dead_share=0.26) reach the user's console once each (rank 0), the run still trains,
     and the routing statistics count the real tokens of both ranks' micro-batches."""
     config = run_config(tiny_model_dir, tiny_mc_data, tmp_path / "out", optimizer={"name": "riemannian_sgd", "lr": 0.1})
-    config["train"].update(max_steps=1, grad_clip=1.0)
+    config["train"].update(max_steps=1, grad_clip=1.0, plots=True)
     config["health"] = {"dead_share": 0.26, "patience": 1}
     result = launch(config, tmp_path, subprocess_env)
     output = result.stdout + result.stderr
@@ -364,6 +365,7 @@ def test_start_up_advisory_and_collapse_alarm_reach_the_console_once(tiny_model_
     health = json.loads((tmp_path / "out" / "expert_health.json").read_text())
     assert [layer["tokens"] for layer in health["layers"]] == [tokens] * 8
     assert (tmp_path / "out" / "expert_health.png").stat().st_size > 0
+    assert (tmp_path / "out" / "loss_curve.png").stat().st_size > 0
 
 
 @pytest.mark.distributed

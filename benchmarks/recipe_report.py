@@ -1,0 +1,80 @@
+"""The default recipe against its alternatives, per task and seed: accuracy (worst and mean) and expert use at the end.
+
+Reads the cells `benchmarks/quality.py` wrote (OUT/CELL/result.json: 150 steps of 16 questions, 1 rank, ZeRO-0,
+bf16, accuracy on the first 200 test questions) and the base model's accuracy on the same questions
+(`launcher/eval.py --data.eval_max_samples=200 --json-out ...`), and writes the `recipe` section of
+benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs.sh lists their commands.
+
+Run:  python benchmarks/recipe_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_utils import cpu_kind, update_results  # noqa: E402
+
+SEEDS = (42, 1, 2)
+CELL = "adamw-ours-{method}-lr0.002-seed{seed}"
+TASKS = {"definition quiz (data/wordnet)": "recipe/wordnet-base.json",
+         "hypernym quiz (data/wordnet-hypernyms)": "recipe/hypernyms-base.json"}
+ARMS = [  # (task, arm, directory of its cells, method)
+    ("definition quiz (data/wordnet)", "MoE-LoRA 4 x r8 top-2, Riemannian AdamW + sqrt, no load balancing "
+     "(the earlier default)", "quality_sweep", "riemannian+sqrt"),
+    ("definition quiz (data/wordnet)", "the same + load balancing 0.01", "recipe/wordnet-aux0.01", "riemannian+sqrt"),
+    ("definition quiz (data/wordnet)", "**the default**: + load balancing 0.01 + routing noise 0.3",
+     "recipe/wordnet-aux0.01-noise0.3", "riemannian+sqrt"),
+    ("hypernym quiz (data/wordnet-hypernyms)", "**the default**", "recipe/hypernyms-aux0.01-noise0.3",
+     "riemannian+sqrt"),
+    ("hypernym quiz (data/wordnet-hypernyms)", "LoRA in the same trainer: 1 expert of rank 8",
+     "recipe/hypernyms-e1r8", "riemannian+sqrt"),
+]
+
+
+def cell(directory: str, method: str, seed: int) -> dict | None:
+    path = BENCH_DIR / directory / CELL.format(method=method, seed=seed) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def base_accuracy(task: str) -> float | None:
+    path = BENCH_DIR / TASKS[task]
+    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+
+
+def row(task: str, arm: str, directory: str, method: str) -> str | None:
+    results = {seed: cell(directory, method, seed) for seed in SEEDS}
+    done = {seed: r for seed, r in results.items() if r is not None and r.get("accuracy") is not None}
+    if not done:
+        return None
+    accuracy = {seed: r["accuracy"] for seed, r in done.items()}
+    base = base_accuracy(task)
+    worst = min(accuracy.values())
+    gain = "-" if base is None else f"{100 * (worst - base):+.1f}"
+    per_seed = " / ".join(f"{100 * accuracy[s]:.1f}" if s in accuracy else "-" for s in SEEDS)
+    dead = " / ".join(str(done[s]["health"].get("dead_experts", "-")) if s in done else "-" for s in SEEDS)
+    alarms = " / ".join(str(done[s].get("health_alarms", "-")) if s in done else "-" for s in SEEDS)
+    return (f"| {task} | {arm} | {'-' if base is None else f'{100 * base:.1f}'} | {per_seed} | {100 * worst:.1f} | "
+            f"{100 * statistics.mean(accuracy.values()):.1f} | {gain} | {dead} | {alarms} |")
+
+
+def main() -> None:
+    header = ("| task | arm | base model | accuracy after, seed 42 / 1 / 2 | worst | mean | worst - base (points) | "
+              "dead experts at step 150 (of 480) | collapse alarms |\n|---|---|---|---|---|---|---|---|---|")
+    rows = [r for r in (row(*arm) for arm in ARMS) if r is not None]
+    body = ("The default recipe (launcher/configs/quickstart.yaml) against its alternatives: 150 steps of 16 questions "
+            "(1 rank, ZeRO-0, bf16), lr 2e-3, accuracy (%) on the first 200 test questions (chance 25%); every other "
+            f"setting the quickstart's. Machine: Intel Xeon with AMX, 2 cores ({cpu_kind()}). "
+            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs.sh.\n\n"
+            + header + "\n" + "\n".join(rows))
+    update_results(BENCH_DIR / "RESULTS.md", "recipe", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
