@@ -24,7 +24,8 @@ OPTIMIZERS = ("sgd", "adamw")
 _PAPER_ROUTER_LR = ["--optimizer.router_lr=3e-8", "--optimizer.router_clip=1.0"]
 _PAPER_UNCLIPPED = ["--train.grad_clip=0", "--optimizer.router_clip=1.0"]
 _PAPER_DROPOUT = ["--moelora.dropout_per_expert=true"]
-_PAPER_ROUTING = [*_PAPER_ROUTER_LR, "--train.grad_clip=0", *_PAPER_DROPOUT, "--moelora.router_aux_loss_coef=0"]
+_PAPER_ROUTING = [*_PAPER_ROUTER_LR, "--train.grad_clip=0", *_PAPER_DROPOUT, "--moelora.router_aux_loss_coef=0",
+                  "--moelora.router_noise=0"]
 _PAPER_OPTIMIZER = {"sgd": ["--optimizer.momentum=0"],
                     "adamw": ["--optimizer.bias_correction=false", "--optimizer.betas=[0.9,0.999]",
                               "--optimizer.eps=1e-6"]}

@@ -110,12 +110,13 @@ def run_config(tiny_model_dir: Path, data: dict, output_dir: Path, **sections) -
     """A tiny fp32 run: 4 experts, top-2, sqrt gate rescaling, no dropout, grad accumulation 2, 10 steps.
 
     No plots (the tests that draw them say so). Without router loss terms: their gradients reach the routers from
-    step 1 at sizes where Adam's update is nearly sign(g), so rounding (the order ranks sum in) decides signs; the
-    trainer tests cover them with SGD."""
+    step 1 at sizes where Adam's update is nearly sign(g), so rounding (the order ranks sum in) decides signs; and
+    without routing noise, which is keyed by world size and rank. The trainer tests cover both with SGD."""
     config = {
         "model": {"name_or_path": str(tiny_model_dir), "gguf_file": None, "dtype": "float32"},
         "moelora": {"num_experts": 4, "rank": 4, "alpha": 8, "dropout": 0.0, "top_k": 2, "gate_rescale": "sqrt",
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "router_aux_loss_coef": 0.0},
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "router_aux_loss_coef": 0.0,
+                    "router_noise": 0.0},
         "optimizer": {"name": "riemannian_adamw", "lr": 1e-2, "reg": 1e-3, "router_lr": 5e-3},
         "scheduler": {"name": "linear", "warmup_steps": 2, "min_lr_ratio": 0.1},
         "data": {"train_path": str(data["train"]), "eval_path": None, "max_length": 64},

@@ -107,10 +107,10 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     form = load_config(REPO / "launcher" / "configs" / "quickstart.yaml", adamw_paper)
     assert (form.optimizer.bias_correction, form.optimizer.betas, form.optimizer.eps, form.optimizer.router_lr,
             form.optimizer.router_clip, form.train.grad_clip, form.moelora.dropout_per_expert,
-            form.moelora.router_aux_loss_coef) == \
+            form.moelora.router_aux_loss_coef, form.moelora.router_noise) == \
         (recipe.optimizer.bias_correction, recipe.optimizer.betas, recipe.optimizer.eps, recipe.optimizer.router_lr,
          recipe.optimizer.router_clip, recipe.train.grad_clip, recipe.moelora.dropout_per_expert,
-         recipe.moelora.router_aux_loss_coef)
+         recipe.moelora.router_aux_loss_coef, recipe.moelora.router_noise)
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
     for opt in ("sgd", "adamw"):  # the ablation forms are the paper form's two halves
         halves = [quality.Cell(opt, "riemannian", 1e-3, 1, form).overrides() for form in ("paper_routing",
@@ -121,8 +121,9 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         base = len(quality.Cell(opt, "riemannian", 1e-3, 1).overrides())
         parts = [quality.Cell(opt, "riemannian", 1e-3, 1, form).overrides()[base:]
                  for form in ("paper_router_lr", "paper_unclipped", "paper_dropout")]
-        # the routing half's parts, together, are that half (with the paper's missing load balancing)
-        assert set().union(*parts) | {"--moelora.router_aux_loss_coef=0"} == set(halves[0][base:])
+        # the routing half's parts, together, are that half (with the paper's missing load balancing and noise)
+        assert set().union(*parts) | {"--moelora.router_aux_loss_coef=0", "--moelora.router_noise=0"} == \
+            set(halves[0][base:])
         assert [("--optimizer.router_lr=3e-8" in part, "--train.grad_clip=0" in part,
                  "--moelora.dropout_per_expert=true" in part) for part in parts] == \
             [(True, False, False), (False, True, False), (False, False, True)]

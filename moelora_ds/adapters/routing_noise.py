@@ -17,8 +17,8 @@ from torch import nn
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixing function (lowbias32) on int64 tensors holding values below 2^32."""
+def _hash32(x):
+    """A 32-bit integer mixing function (lowbias32), on Python ints or int64 tensors holding values below 2^32."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -34,8 +34,7 @@ def _uniform(index: torch.Tensor, salt: int) -> torch.Tensor:
 
 def routing_noise(shape: tuple[int, int], seed: int, key: int, device: torch.device) -> torch.Tensor:
     """Standard normal float32 values of `shape` (tokens, experts), a function of (seed, key, position) only."""
-    salt = _hash32(torch.tensor([(seed ^ (seed >> 32)) & _MASK32], dtype=torch.int64))
-    salt = int(_hash32(salt ^ (key & _MASK32)))
+    salt = _hash32(_hash32((seed ^ (seed >> 32)) & _MASK32) ^ (key & _MASK32))  # Python ints: nothing read back
     index = torch.arange(shape[0] * shape[1], dtype=torch.int64, device=device)
     u1, u2 = _uniform(index, salt), _uniform(index, salt ^ 0x9E3779B9)
     normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)

@@ -17,9 +17,10 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 4e-2}
 
 def make_layer(in_features: int = 12, out_features: int = 10, *, dtype: torch.dtype = torch.float64, seed: int = 0,
                bias: bool = True, **config) -> MoELoRALinear:
-    """A MoE-LoRA layer over a random base linear, with random (non-zero) B so the experts contribute."""
+    """A MoE-LoRA layer over a random base linear, with random (non-zero) B so the experts contribute; no routing
+    noise unless asked for (the references choose experts by the logits alone)."""
     torch.manual_seed(seed)
-    config = {"num_experts": 4, "rank": 3, "alpha": 6.0, "dropout": 0.0, **config}
+    config = {"num_experts": 4, "rank": 3, "alpha": 6.0, "dropout": 0.0, "router_noise": 0.0, **config}
     layer = MoELoRALinear(nn.Linear(in_features, out_features, bias=bias, dtype=dtype), MoELoRAConfig(**config))
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.5)

@@ -109,7 +109,7 @@ def test_precondition_factors_identity_forward_preconditioned_backward():
 
 def random_layer(dtype=torch.float64, **config) -> MoELoRALinear:
     torch.manual_seed(0)
-    config = {"num_experts": 3, "rank": 4, "alpha": 8.0, "dropout": 0.0, "top_k": 2, **config}
+    config = {"num_experts": 3, "rank": 4, "alpha": 8.0, "dropout": 0.0, "top_k": 2, "router_noise": 0.0, **config}
     layer = MoELoRALinear(nn.Linear(10, 8, dtype=dtype), MoELoRAConfig(**config))
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.3)

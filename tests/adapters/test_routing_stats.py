@@ -62,7 +62,8 @@ def test_summary_shares_loads_entropy_and_dead_experts():
 
 def forced_layer(top_k) -> MoELoRALinear:
     """A 3-expert layer whose router logits are its input (identity router), so the input sets the probabilities."""
-    layer = MoELoRALinear(nn.Linear(3, 5), MoELoRAConfig(num_experts=3, rank=2, top_k=top_k, dropout=0.0))
+    layer = MoELoRALinear(nn.Linear(3, 5), MoELoRAConfig(num_experts=3, rank=2, top_k=top_k, dropout=0.0,
+                                                         router_noise=0.0))
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(3))
     return layer

@@ -58,7 +58,8 @@ def layer_summary(forced: bool, tokens: int = 512) -> dict:
     """One interval of a real 4-expert top-2 layer: its router forced to expert 0 (all inputs positive, only
     expert 0's router row non-zero), or a random one (balanced)."""
     torch.manual_seed(0)
-    layer = MoELoRALinear(nn.Linear(16, 16), MoELoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.0))
+    layer = MoELoRALinear(nn.Linear(16, 16), MoELoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.0,
+                                                           router_noise=0.0))
     x = torch.randn(tokens, 16)
     if forced:
         x = x.abs() + 0.1
@@ -120,7 +121,7 @@ class ScalarLog:
 
 def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_path, capsys):
     model = inject_moelora(build_tiny_model("llama"), MoELoRAConfig(num_experts=4, rank=2, top_k=1, dropout=0.0,
-                                                                    target_modules=["q_proj"]))
+                                                                    router_noise=0.0, target_modules=["q_proj"]))
     q_proj = dict(moelora_layers(model))["model.layers.1.self_attn.q_proj"]
     with torch.no_grad():
         q_proj.router.weight.zero_()  # ties every logit: top-1 always picks expert 0
@@ -159,7 +160,7 @@ def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_pat
 
 def test_a_non_finite_interval_is_left_out_of_the_run_totals(tmp_path):
     model = inject_moelora(build_tiny_model("llama"), MoELoRAConfig(num_experts=4, rank=2, top_k=2, dropout=0.0,
-                                                                    target_modules=["q_proj"]))
+                                                                    router_noise=0.0, target_modules=["q_proj"]))
     health = ExpertHealth(model, HealthConfig(), torch.device("cpu"), first_step=1)
     logger = MetricsLogger(tmp_path, total_steps=2, start_step=0)
     embeddings = model.get_input_embeddings().weight

@@ -19,7 +19,8 @@ from moelora_ds.telemetry.routing_report import ALL, routing_report, routing_sta
 
 from conftest import build_tiny_model, write_jsonl
 
-ADAPTER = MoELoRAConfig(num_experts=4, rank=2, alpha=4.0, top_k=2, dropout=0.0, target_modules=["q_proj", "v_proj"])
+ADAPTER = MoELoRAConfig(num_experts=4, rank=2, alpha=4.0, top_k=2, dropout=0.0, router_noise=0.0,
+                        target_modules=["q_proj", "v_proj"])
 LAYERS = 4  # 2 decoder layers x (q_proj, v_proj)
 
 

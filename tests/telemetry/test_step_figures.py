@@ -27,7 +27,7 @@ def test_cpu_peak_memory_is_reset_per_interval():
 
 def test_flops_per_token_counts_trainable_parameters_six_times_and_frozen_ones_four_times():
     model = build_tiny_model("llama")
-    inject_moelora(model, MoELoRAConfig(num_experts=4, rank=2, top_k=2, target_modules=["q_proj"]))
+    inject_moelora(model, MoELoRAConfig(num_experts=4, rank=2, top_k=2, router_noise=0.0, target_modules=["q_proj"]))
     skipped = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) not in skipped)

@@ -20,8 +20,8 @@ VOCAB = 320
 
 
 def adapted_model(arch: str = "llama") -> torch.nn.Module:
-    model = inject_moelora(build_tiny_model(arch, seed=2).float(), MoELoRAConfig(num_experts=4, rank=4, top_k=2,
-                                                                                  dropout=0.0), seed=1)
+    model = inject_moelora(build_tiny_model(arch, seed=2).float(),
+                           MoELoRAConfig(num_experts=4, rank=4, top_k=2, dropout=0.0, router_noise=0.0), seed=1)
     with torch.no_grad():
         for name, param in adapter_parameters(model).items():
             if name.endswith("lora_B"):

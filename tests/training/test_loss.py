@@ -75,7 +75,7 @@ def test_packed_batch_has_the_loss_of_its_samples_unpacked(tiny_tokenizer, atten
     rows = pack_examples(examples, 96)
     assert len(rows) < len(examples) and any(len(r["input_ids"]) < max(len(q["input_ids"]) for q in rows)
                                              for r in rows)  # several examples per row, and padded rows
-    adapters = MoELoRAConfig(num_experts=4, rank=4, top_k=2, dropout=0.0)
+    adapters = MoELoRAConfig(num_experts=4, rank=4, top_k=2, dropout=0.0, router_noise=0.0)
     model = inject_moelora(build_tiny_model("llama", seed=2).float(), adapters)
     model.set_attn_implementation(attention)
     torch.manual_seed(0)

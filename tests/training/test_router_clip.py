@@ -26,7 +26,7 @@ def raw_gradients(model, batch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
 def test_router_clip_scales_the_router_gradient_alone(max_norm):
     """Plain SGD at lr 1: each parameter moves by minus the gradient it was stepped with."""
-    config = MoELoRAConfig(num_experts=3, rank=2, top_k=2, dropout=0.0)
+    config = MoELoRAConfig(num_experts=3, rank=2, top_k=2, dropout=0.0, router_noise=0.0)
     model = inject_moelora(build_tiny_model("llama").double(), config)
     with torch.no_grad():
         for _, layer in moelora_layers(model):
