@@ -3,7 +3,7 @@
 Reads the cells `benchmarks/quality.py` wrote (OUT/CELL/result.json: 150 steps of 16 questions, 1 rank, ZeRO-0,
 bf16, accuracy on the first 200 test questions) and the base model's accuracy on the same questions
 (`launcher/eval.py --data.eval_max_samples=200 --json-out ...`), and writes the `recipe` section of
-benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs.sh lists their commands.
+benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs-*.sh (in the order they ran) list their commands.
 
 Run:  python benchmarks/recipe_report.py
 """
@@ -27,11 +27,11 @@ TASKS = {"definition quiz (data/wordnet)": "recipe/wordnet-base.json",
 ARMS = [  # (task, arm, directory of its cells, method)
     ("definition quiz (data/wordnet)", "MoE-LoRA 4 x r8 top-2, Riemannian AdamW + sqrt, no load balancing "
      "(the earlier default)", "quality_sweep", "riemannian+sqrt"),
-    ("definition quiz (data/wordnet)", "the same + load balancing 0.01", "recipe/wordnet-aux0.01", "riemannian+sqrt"),
-    ("definition quiz (data/wordnet)", "**the default**: + load balancing 0.01 + routing noise 0.3",
+    ("definition quiz (data/wordnet)", "**the default**: the same + load balancing 0.01 (seed 42: the quickstart, "
+     "README)", "recipe/wordnet-aux0.01", "riemannian+sqrt"),
+    ("definition quiz (data/wordnet)", "load balancing 0.01 + routing noise 0.3",
      "recipe/wordnet-aux0.01-noise0.3", "riemannian+sqrt"),
-    ("hypernym quiz (data/wordnet-hypernyms)", "**the default**", "recipe/hypernyms-aux0.01-noise0.3",
-     "riemannian+sqrt"),
+    ("hypernym quiz (data/wordnet-hypernyms)", "**the default**", "recipe/hypernyms-aux0.01", "riemannian+sqrt"),
     ("hypernym quiz (data/wordnet-hypernyms)", "LoRA in the same trainer: 1 expert of rank 8",
      "recipe/hypernyms-e1r8", "riemannian+sqrt"),
 ]
@@ -70,7 +70,7 @@ def main() -> None:
     body = ("The default recipe (launcher/configs/quickstart.yaml) against its alternatives: 150 steps of 16 questions "
             "(1 rank, ZeRO-0, bf16), lr 2e-3, accuracy (%) on the first 200 test questions (chance 25%); every other "
             f"setting the quickstart's. Machine: Intel Xeon with AMX, 2 cores ({cpu_kind()}). "
-            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs.sh.\n\n"
+            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh.\n\n"
             + header + "\n" + "\n".join(rows))
     update_results(BENCH_DIR / "RESULTS.md", "recipe", body)
     print(body)

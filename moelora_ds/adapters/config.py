@@ -37,11 +37,11 @@ class MoELoRAConfig:
     a preference all tokens share and a fifth of the experts never get a token (benchmarks/RESULTS.md, routing)."""
     router_z_loss_coef: float = 0.0
     """Coefficient of the router z-loss coef * mean(logsumexp(logits)^2); 0 turns it off."""
-    router_noise: float = 0.3
+    router_noise: float = 0.0
     """Standard deviation of the Gaussian noise added to the router logits to choose the top-k experts while
-    training (the gates keep the noise-free probabilities; evaluation and exports route without it); 0 turns it off,
-    dense routing ignores it. In logit units: near the spread of a freshly initialised router's logits, so every
-    expert is chosen from the first step while the load-balancing loss evens out the routers."""
+    training (the gates keep the noise-free probabilities; evaluation and exports route without it), in logit units;
+    0 turns it off, dense routing ignores it. 0.3 kept every expert chosen from the first step of the quickstart but
+    delayed its learning on other seeds (README, "What the routers do")."""
 
     def __post_init__(self) -> None:
         def fail(key: str, expected: str) -> None:
