@@ -150,13 +150,20 @@ def build_questions(synsets: Sequence[Synset], vocabulary: set[str], count: int,
 
 
 def question_record(synset: Synset, answer: str, distractors: list[str], letter: str, rng: random.Random) -> dict:
-    """A chat record: the user asks, the assistant answers with the letter alone."""
+    """A chat record asking for the word with this synset's definition."""
+    return multiple_choice_record(synset, f'Which {synset.pos} has this definition: "{synset.definition}"?', answer,
+                                  distractors, letter, rng)
+
+
+def multiple_choice_record(synset: Synset, stem: str, answer: str, distractors: list[str], letter: str,
+                           rng: random.Random) -> dict:
+    """A chat record: the user asks `stem` with the options A-D (`answer` at `letter`), the assistant answers with
+    the letter alone."""
     options = list(distractors)
     rng.shuffle(options)
     options.insert(LETTERS.index(letter), answer)
     lines = "\n".join(f"{l}. {o}" for l, o in zip(LETTERS, options))
-    question = (f'Which {synset.pos} has this definition: "{synset.definition}"?\n{lines}\n'
-                f"Answer with the letter of the correct option (A, B, C or D).")
+    question = f"{stem}\n{lines}\nAnswer with the letter of the correct option (A, B, C or D)."
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": letter}],
             "answer": letter, "options": options, "lexname": synset.lexname,
             "synset": f"{synset.pos}:{synset.offset:08d}"}

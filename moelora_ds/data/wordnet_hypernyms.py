@@ -27,6 +27,7 @@ from moelora_ds.data.wordnet import (
     _shares_stem,
     build_and_write,
     load_synsets,
+    multiple_choice_record,
     split_vocabulary,
 )
 
@@ -88,24 +89,11 @@ def build_questions(nouns: Sequence[Synset], vocabulary: set[str], count: int, r
             continue
         asked.add(word)
         letter = LETTERS[len(questions) % len(LETTERS)]
-        questions.append(question_record(synset, word, answer, distractors, letter, rng))
+        stem = f'A "{word}" is {synset.definition}. What is a "{word}" a kind of?'
+        questions.append(multiple_choice_record(synset, stem, answer, distractors, letter, rng))
     if len(questions) < count:
         raise ValueError(f"only {len(questions)} questions could be built from this vocabulary, {count} requested")
     return questions
-
-
-def question_record(synset: Synset, word: str, answer: str, distractors: list[str], letter: str,
-                    rng: random.Random) -> dict:
-    """A chat record: the user asks, the assistant answers with the letter alone."""
-    options = list(distractors)
-    rng.shuffle(options)
-    options.insert(LETTERS.index(letter), answer)
-    lines = "\n".join(f"{l}. {o}" for l, o in zip(LETTERS, options))
-    question = (f'A "{word}" is {synset.definition}. What is a "{word}" a kind of?\n{lines}\n'
-                f"Answer with the letter of the correct option (A, B, C or D).")
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": letter}],
-            "answer": letter, "options": options, "lexname": synset.lexname,
-            "synset": f"{synset.pos}:{synset.offset:08d}"}
 
 
 def build_dataset(seed: int = 0, train_size: int = 2000, test_size: int = 500,
