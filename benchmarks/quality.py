@@ -99,8 +99,9 @@ class Cell:
 def slot_launch(slot: int, num_ranks: int, parallel: int, num_devices: int) -> tuple[list[str], dict[str, str]]:
     """The launcher's device arguments and environment for concurrent cell number `slot` of `parallel`: on a
     machine with `num_devices` GPUs the slot's R of them (slots share GPUs round-robin when there are more slots
-    than GPUs: a small model leaves one mostly idle), on CPU (0) `--num_gpus R`; cores / (N * R) threads each."""
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (parallel * num_ranks)))}
+    than GPUs: a small model leaves one mostly idle), on CPU (0) `--num_gpus R`; cores / (N * R) threads each, counting
+    the cores this process may run on (`taskset` gives two sweeps a core each)."""
+    threads = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // (parallel * num_ranks)))}
     if num_devices:
         devices = ",".join(str((slot * num_ranks + i) % num_devices) for i in range(num_ranks))
         return ["--include", f"localhost:{devices}"], threads

@@ -111,7 +111,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
         (recipe.optimizer.bias_correction, recipe.optimizer.betas, recipe.optimizer.eps, recipe.optimizer.router_lr,
          recipe.optimizer.router_clip, recipe.train.grad_clip, recipe.moelora.dropout_per_expert,
          recipe.moelora.router_aux_loss_coef, recipe.moelora.router_noise)
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 4))}
+    threads = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 4))}
     for opt in ("sgd", "adamw"):  # the ablation forms are the paper form's two halves
         halves = [quality.Cell(opt, "riemannian", 1e-3, 1, form).overrides() for form in ("paper_routing",
                                                                                           "paper_optimizer")]
@@ -133,7 +133,7 @@ def test_quality_report_and_resume_from_result_files(tmp_path):
     assert [quality.slot_launch(slot, 1, 3, num_devices=2)[0][1] for slot in range(3)] == \
         ["localhost:0", "localhost:1", "localhost:0"]
     devices, env = quality.slot_launch(0, 1, 2, num_devices=0)
-    assert devices == ["--num_gpus", "1"] and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert devices == ["--num_gpus", "1"] and env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     out = tmp_path / "cells"
     for i, cell in enumerate(cells[:-1]):  # the last cell unfinished
         (out / cell.name).mkdir(parents=True)
