@@ -3,7 +3,8 @@
 Reads the cells `benchmarks/quality.py` wrote (OUT/CELL/result.json: 150 steps of 16 questions, 1 rank, ZeRO-0,
 bf16, accuracy on the first 200 test questions) and the base model's accuracy on the same questions
 (`launcher/eval.py --data.eval_max_samples=200 --json-out ...`), and writes the `recipe` section of
-benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs-*.sh (in the order they ran) list their commands.
+benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs-*.sh and transfer.sh (in the order they ran)
+list their commands.
 
 Run:  python benchmarks/recipe_report.py
 """
@@ -24,16 +25,19 @@ SEEDS = (42, 1, 2)
 CELL = "adamw-ours-{method}-lr0.002-seed{seed}"
 TASKS = {"definition quiz (data/wordnet)": "recipe/wordnet-base.json",
          "hypernym quiz (data/wordnet-hypernyms)": "recipe/hypernyms-base.json"}
+DEF, HYP = TASKS
 ARMS = [  # (task, arm, directory of its cells, method)
-    ("definition quiz (data/wordnet)", "MoE-LoRA 4 x r8 top-2, Riemannian AdamW + sqrt, no load balancing "
-     "(the earlier default)", "quality_sweep", "riemannian+sqrt"),
-    ("definition quiz (data/wordnet)", "**the default**: the same + load balancing 0.01 (seed 42: the quickstart, "
-     "README)", "recipe/wordnet-aux0.01", "riemannian+sqrt"),
-    ("definition quiz (data/wordnet)", "load balancing 0.01 + routing noise 0.3",
-     "recipe/wordnet-aux0.01-noise0.3", "riemannian+sqrt"),
-    ("hypernym quiz (data/wordnet-hypernyms)", "**the default**", "recipe/hypernyms-aux0.01", "riemannian+sqrt"),
-    ("hypernym quiz (data/wordnet-hypernyms)", "LoRA in the same trainer: 1 expert of rank 8",
-     "recipe/hypernyms-e1r8", "riemannian+sqrt"),
+    (DEF, "MoE-LoRA 4 x r8 top-2, Riemannian AdamW + sqrt, no load balancing (the earlier default)",
+     "quality_sweep", "riemannian+sqrt"),
+    (DEF, "**the default**: the same + load balancing 0.01", "recipe/wordnet-aux0.01", "riemannian+sqrt"),
+    (DEF, "load balancing 0.01 + routing noise 0.3", "recipe/wordnet-aux0.01-noise0.3", "riemannian+sqrt"),
+    (DEF, "LoRA in the same trainer: 1 expert of rank 8", "recipe/wordnet-e1r8", "riemannian+sqrt"),
+    (DEF, "LoRA in the same trainer: 1 expert of rank 32 (alpha 64)", "recipe/wordnet-e1r32", "riemannian+sqrt"),
+    (HYP, "**the default**", "recipe/hypernyms-default", "riemannian+sqrt"),
+    (HYP, "LoRA in the same trainer: 1 expert of rank 8", "recipe/hypernyms-e1r8", "riemannian+sqrt"),
+    (HYP, "LoRA in the same trainer: 1 expert of rank 32 (alpha 64)", "recipe/hypernyms-e1r32", "riemannian+sqrt"),
+    (HYP, "the default without the preconditioner (plain AdamW, no gate rescaling)", "recipe/hypernyms-plain",
+     "plain"),
 ]
 
 
@@ -65,12 +69,14 @@ def row(task: str, arm: str, directory: str, method: str) -> str | None:
 
 def main() -> None:
     header = ("| task | arm | base model | accuracy after, seed 42 / 1 / 2 | worst | mean | worst - base (points) | "
-              "dead experts at step 150 (of 480) | collapse alarms |\n|---|---|---|---|---|---|---|---|---|")
+              "dead experts | collapse alarms |\n|---|---|---|---|---|---|---|---|---|")
     rows = [r for r in (row(*arm) for arm in ARMS) if r is not None]
     body = ("The default recipe (launcher/configs/quickstart.yaml) against its alternatives: 150 steps of 16 questions "
             "(1 rank, ZeRO-0, bf16), lr 2e-3, accuracy (%) on the first 200 test questions (chance 25%); every other "
             f"setting the quickstart's. Machine: Intel Xeon with AMX, 2 cores ({cpu_kind()}). "
-            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh.\n\n"
+            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh, transfer.sh. Dead experts: "
+            "experts under 1% of their layer's routed slots at step 150, of 480 (120 layers x 4; one expert takes "
+            "every slot).\n\n"
             + header + "\n" + "\n".join(rows))
     update_results(BENCH_DIR / "RESULTS.md", "recipe", body)
     print(body)

@@ -10,7 +10,4 @@ E1="--moelora.num_experts=1 --moelora.top_k=null"
 nice -n 10 deepspeed --num_gpus 1 launcher/eval.py --config launcher/configs/quickstart.yaml $HYP --data.eval_max_samples=200 --json-out benchmarks/recipe/hypernyms-base.json > outputs/recipe/hypernyms-base.log 2>&1 &
 nice -n 10 deepspeed --num_gpus 1 --master_port 29777 launcher/eval.py --config launcher/configs/quickstart.yaml --data.eval_max_samples=200 --json-out benchmarks/recipe/wordnet-base.json > outputs/recipe/wordnet-base.log 2>&1
 wait
-$Q --methods riemannian+sqrt --seeds 42 --out-dir benchmarks/recipe/hypernyms-aux0.01 --moelora.router_aux_loss_coef=0.01 --moelora.router_noise=0 $HYP &
-sleep 20
-$Q --methods riemannian+sqrt --seeds 42 --out-dir benchmarks/recipe/hypernyms-e1r8 $E1 --moelora.router_noise=0 $HYP
-wait
+# the hypernym quiz's arms: transfer.sh
