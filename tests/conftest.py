@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness import (  # noqa: F401  (the builders the tests import from here)
     REPO,
@@ -17,6 +18,35 @@ from harness import (  # noqa: F401  (the builders the tests import from here)
     tiny_model_config,
     write_jsonl,
 )
+
+
+def pytest_configure(config):
+    """Under `pytest -n N` (scripts/test.sh) each of the N test processes computes with its share of the cores: more
+    threads than cores make OpenMP's threads spin on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+MULTI_PROCESS_MARKS = ("distributed", "slurm", "mpi")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """For `pytest -n N --dist loadgroup`: a test file is one group (its module fixtures exist once), the files that
+    share the SLURM cluster one group (one cluster), the groups with the most multi-process tests first (each worker
+    takes the next group when it is free: the long ones first leave short ones to even out the end)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    group = {item.nodeid: "slurm-cluster" if "slurm_cluster" in getattr(item, "fixturenames", ())
+             else item.nodeid.split("::")[0] for item in items}
+    weight: dict[str, int] = {}
+    for item in items:
+        heavy = any(item.get_closest_marker(mark) for mark in MULTI_PROCESS_MARKS)
+        weight[group[item.nodeid]] = weight.get(group[item.nodeid], 0) + heavy
+    items.sort(key=lambda item: -weight[group[item.nodeid]])
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group[item.nodeid]))
 
 
 @pytest.fixture(scope="session")

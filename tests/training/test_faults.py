@@ -160,7 +160,7 @@ def test_a_lost_rank_ends_the_job(fault, reference, tmp_path, subprocess_env):
     """SIGKILL: the launcher sees its child die. SIGSTOP (a hung rank): the survivor's collective times out.
 
     The hung case takes about 5 s (the timeout) + 30 s: the deepspeed launcher gives the stopped rank
-    30 s to answer SIGTERM before it SIGKILLs it.
+    30 s to answer SIGTERM before it SIGKILLs it; 90 s leaves room for a machine busy with other tests.
     """
     config, _ = reference
     out = tmp_path / "run"
@@ -171,13 +171,13 @@ def test_a_lost_rank_ends_the_job(fault, reference, tmp_path, subprocess_env):
     started = time.monotonic()
     os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     try:
-        returncode = process.wait(timeout=60)
+        returncode = process.wait(timeout=90)
     except subprocess.TimeoutExpired:
         send(ranks(out), signal.SIGKILL)
         process.kill()
-        raise AssertionError(f"the job still ran 60 s after a rank was {fault}") from None
+        raise AssertionError(f"the job still ran 90 s after a rank was {fault}") from None
     elapsed = time.monotonic() - started
-    assert returncode != 0 and elapsed < 60, log(out)
+    assert returncode != 0 and elapsed < 90, log(out)
     deadline = time.monotonic() + 10
     while ranks(out) and time.monotonic() < deadline:
         time.sleep(0.1)
