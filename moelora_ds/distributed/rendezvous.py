@@ -19,7 +19,11 @@ TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_MASTER_PORT = 29500
 ANY_FREE_PORT = "0"
 SLURM_PORT_BASE = 15000
-"""Under SLURM, MASTER_PORT defaults to SLURM_PORT_BASE + the job id's last four digits (15000-24999)."""
+"""Under SLURM, MASTER_PORT defaults to SLURM_PORT_BASE + the job id's last four digits (15000-24999), moved by
+RESTART_PORT_STRIDE per restart of a requeued job."""
+RESTART_PORT_STRIDE = 1009
+"""A requeued job's restart N listens RESTART_PORT_STRIDE * N ports further on (modulo 10000): its previous run's
+sockets can hold the old port for a minute (TCP TIME_WAIT) after that run ended."""
 
 
 class LaunchEnvironmentError(RuntimeError):
@@ -98,7 +102,8 @@ def _slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
             raise LaunchEnvironmentError(f"{nodelist_var}: {error}") from None
     if "MASTER_PORT" not in env:
         job_id = _int(env, "SLURM_JOB_ID", "SLURM_JOBID", required=f"{where} and MASTER_PORT is not set")
-        out["MASTER_PORT"] = str(SLURM_PORT_BASE + job_id % 10000)
+        restarts = _int(env, "SLURM_RESTART_COUNT") or 0
+        out["MASTER_PORT"] = str(SLURM_PORT_BASE + (job_id + RESTART_PORT_STRIDE * restarts) % 10000)
     return out
 
 

@@ -63,6 +63,16 @@ def test_srun_rendezvous_over_a_compressed_nodelist(procid, nodeid, localid):
                           "MASTER_PORT": str(15000 + 2017)}
 
 
+def test_a_requeued_job_listens_on_another_port_each_restart():
+    """The run before a restart may leave its port in TIME_WAIT: each restart moves the port, every rank alike."""
+    ports = [{rendezvous_from_env(srun_env(procid, nodeid, localid, SLURM_RESTART_COUNT=str(restart)))["MASTER_PORT"]
+              for procid, nodeid, localid in [(0, 0, 0), (9, 4, 1)]} for restart in range(3)]
+    assert all(len(same) == 1 for same in ports)
+    assert [int(p) for (p,) in ports] == [15000 + 2017, 15000 + 2017 + 1009, 15000 + 2017 + 2018]
+    wrapped = rendezvous_from_env(srun_env(0, 0, 0, SLURM_JOB_ID="9999", SLURM_RESTART_COUNT="1"))["MASTER_PORT"]
+    assert wrapped == str(15000 + (9999 + 1009) % 10000)
+
+
 def test_set_variables_win_over_derived_ones():
     rendezvous = rendezvous_from_env(srun_env(3, 1, 1, MASTER_ADDR="10.0.0.7", MASTER_PORT="23456"))
     assert (rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], rendezvous["RANK"]) == ("10.0.0.7", "23456", "3")
