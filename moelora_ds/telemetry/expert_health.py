@@ -43,6 +43,8 @@ class CollapseAlarm:
     def __init__(self, names: Sequence[str], config: HealthConfig) -> None:
         self.names, self.config = list(names), config
         self.streak = [0] * len(self.names)
+        self.longest = [0] * len(self.names)
+        """Per layer, the most intervals in a row it has looked collapsed: how close it came to the alarm."""
 
     def problems(self, summary: Mapping[str, torch.Tensor]) -> list[str]:
         """What is wrong with each layer this interval ("" when healthy)."""
@@ -69,6 +71,7 @@ class CollapseAlarm:
         fired = {}
         for layer, problem in enumerate(self.problems(summary)):
             self.streak[layer] = self.streak[layer] + 1 if problem else 0
+            self.longest[layer] = max(self.longest[layer], self.streak[layer])
             if self.streak[layer] == self.config.patience:
                 fired[self.names[layer]] = problem
         return fired
@@ -94,6 +97,15 @@ def layers_json(names: Sequence[str], summary: Mapping[str, torch.Tensor]) -> li
              "entropy": _number(float(summary["entropy"][i])), "confident": _number(float(summary["confident"][i])),
              "dead": int(summary["dead"][i]), "tokens": int(summary["tokens"][i])}
             for i, name in enumerate(names)]
+
+
+def streak_message(names: Sequence[str], longest: Sequence[int], patience: int) -> str:
+    """The end-of-run line saying how close the layers came to the collapse alarm."""
+    worst = max(range(len(names)), key=lambda i: longest[i])
+    if longest[worst] == 0:
+        return "[moelora-ds] expert health: no layer had a dead or dominating expert in any health interval"
+    return (f"[moelora-ds] expert health: the most health intervals in a row with a dead or dominating expert: "
+            f"{longest[worst]} ({names[worst]}; the alarm's patience is {patience})")
 
 
 def _short_names(names: Sequence[str]) -> list[str]:
@@ -192,11 +204,16 @@ class ExpertHealth:
                          f"{len(self.stats.names)} layers in this run ('health_alarm' in {METRICS_FILE})")
         if self.steps[1] < self.steps[0]:
             return None
+        logger.write(streak_message(self.stats.names, self.alarm.longest, self.config.patience))
         summary = routing_summary(self.run_sums, self.config.dead_share)
+        layers = layers_json(self.stats.names, summary)
+        for layer, longest in zip(layers, self.alarm.longest):
+            layer["longest_collapsed_intervals"] = longest
         steps = f"steps {self.steps[0]}-{self.steps[1]}"
         totals = Path(output_dir) / HEALTH_FILE
         totals.write_text(json.dumps({"steps": self.steps, "dead_share": self.config.dead_share,
-                                      "layers": layers_json(self.stats.names, summary)}, indent=1) + "\n")
+                                      "every": self.config.every, "patience": self.config.patience,
+                                      "layers": layers}, indent=1) + "\n")
         heat_map = (plot_heat_maps({steps: summary["share"]}, self.stats.names, Path(output_dir) / HEAT_MAP_FILE,
                                    "Expert health: share of routed slots per layer and expert")
                     if logger.plots else None)

@@ -84,6 +84,7 @@ def test_alarm_fires_once_after_patience_on_a_forced_router_and_never_on_a_balan
     assert "get less than 1% of the routed slots" in alarm.problems(forced)[0]
     alarm.update(balanced)  # a healthy interval re-arms it
     assert [bool(alarm.update(forced)) for _ in range(3)] == [False, False, True]
+    assert alarm.longest == [5]  # the first run of collapsed intervals, not the last
     quiet = CollapseAlarm(names, config)
     assert not any(quiet.update(balanced) for _ in range(10))
     message = alarm_message(12, {names[0]: alarm.problems(forced)[0]}, 3)
@@ -149,8 +150,12 @@ def test_training_intervals_write_the_summary_scalars_alarm_and_heat_map(tmp_pat
     out = capsys.readouterr().out
     assert out.count("expert collapse at step") == 1 and "expert collapse at step 2" in out
     assert "the collapse alarm went off for 2 of 2 layers" in out
+    assert ("most health intervals in a row with a dead or dominating expert: 4 (model.layers.1.self_attn.q_proj; "
+            "the alarm's patience is 2)") in out
     saved = json.loads((tmp_path / "expert_health.json").read_text())
     assert saved["steps"] == [1, 4] and [layer["tokens"] for layer in saved["layers"]] == [72, 72]
+    assert [layer["longest_collapsed_intervals"] for layer in saved["layers"]] == [2, 4]  # layer 0 from step 3 on
+    assert (saved["every"], saved["patience"]) == (50, 2)
     assert sorted(saved["layers"][1]["share"]) == [0.0, 0.0, 0.0, 1.0]  # one expert (ties break by index)
     assert (tmp_path / "expert_health.png").stat().st_size > 0
     assert {"health/model.layers.1.self_attn.q_proj/share_3", "health/model.layers.0.self_attn.q_proj/entropy",
