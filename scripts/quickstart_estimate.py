@@ -35,7 +35,7 @@ class Measured:
 
 
 MEASURED = {
-    "amx_bf16": Measured("Intel Xeon with AMX (bf16)", 2, job_s=820.0),
+    "amx_bf16": Measured("Intel Xeon with AMX (bf16)", 2, job_s=1030.0),
     "avx512_bf16": Measured("AMD EPYC with AVX512-BF16 (bf16)", 2, job_s=575.0, gflops=497.0),
 }
 """By the CPU flag that decides the kind (checked in this order)."""
