@@ -3,7 +3,7 @@
 Reads the cells `benchmarks/quality.py` wrote (OUT/CELL/result.json: 150 steps of 16 questions, 1 rank, ZeRO-0,
 bf16, accuracy on the first 200 test questions) and the base model's accuracy on the same questions
 (`launcher/eval.py --data.eval_max_samples=200 --json-out ...`), and writes the `recipe` section of
-benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs-*.sh and transfer.sh (in the order they ran)
+benchmarks/RESULTS.md. The runs themselves: benchmarks/recipe/runs-*.sh and transfer*.sh (in the order they ran)
 list their commands.
 
 Run:  python benchmarks/recipe_report.py
@@ -83,7 +83,7 @@ def main() -> None:
     body = ("The default recipe (launcher/configs/quickstart.yaml) against its alternatives: 150 steps of 16 questions "
             "(1 rank, ZeRO-0, bf16), lr 2e-3, accuracy (%) on the first 200 test questions (chance 25%); every other "
             f"setting the quickstart's. Machine: Intel Xeon with AMX, 2 cores ({cpu_kind()}). "
-            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh, transfer.sh. Dead experts: "
+            "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh, transfer*.sh. Dead experts: "
             "experts under 1% of their layer's routed slots, of 480 (120 layers x 4; one expert takes every slot); "
             "steps with a dead expert: of the 150, those in which some expert got under 1% (a step routes ~1,600 "
             "tokens, so one expert's dip below 1% of a step's slots counts).\n\n"
