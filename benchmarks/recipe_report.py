@@ -55,6 +55,15 @@ def steps_with_dead(directory: str, method: str, seed: int) -> str:
     return str(sum(1 for r in map(json.loads, path.read_text().splitlines()) if r.get("dead_experts")))
 
 
+def longest_collapsed(directory: str, method: str, seed: int) -> str:
+    """The most steps in a row any layer had an expert under 1% (expert_health.json, health every step); "-" where
+    the cell's run did not record it."""
+    path = BENCH_DIR / directory / CELL.format(method=method, seed=seed) / "expert_health.json"
+    layers = json.loads(path.read_text())["layers"] if path.is_file() else []
+    return str(max(layer["longest_collapsed_intervals"] for layer in layers)) if layers and \
+        "longest_collapsed_intervals" in layers[0] else "-"
+
+
 def base_accuracy(task: str) -> float | None:
     path = BENCH_DIR / TASKS[task]
     return json.loads(path.read_text())["accuracy"] if path.is_file() else None
@@ -72,13 +81,15 @@ def row(task: str, arm: str, directory: str, method: str) -> str | None:
     per_seed = " / ".join(f"{100 * accuracy[s]:.1f}" if s in accuracy else "-" for s in SEEDS)
     dead = " / ".join(str(done[s]["health"].get("dead_experts", "-")) if s in done else "-" for s in SEEDS)
     dead_steps = " / ".join(steps_with_dead(directory, method, s) if s in done else "-" for s in SEEDS)
+    longest = " / ".join(longest_collapsed(directory, method, s) if s in done else "-" for s in SEEDS)
     return (f"| {task} | {arm} | {'-' if base is None else f'{100 * base:.1f}'} | {per_seed} | {100 * worst:.1f} | "
-            f"{100 * statistics.mean(accuracy.values()):.1f} | {gain} | {dead} | {dead_steps} |")
+            f"{100 * statistics.mean(accuracy.values()):.1f} | {gain} | {dead} | {dead_steps} | {longest} |")
 
 
 def main() -> None:
     header = ("| task | arm | base model | accuracy after, seed 42 / 1 / 2 | worst | mean | worst - base (points) | "
-              "dead experts at step 150 | steps with a dead expert |\n|---|---|---|---|---|---|---|---|---|")
+              "dead experts at step 150 | steps with a dead expert | longest run of such steps in one layer |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     rows = [r for r in (row(*arm) for arm in ARMS) if r is not None]
     body = ("The default recipe (launcher/configs/quickstart.yaml) against its alternatives: 150 steps of 16 questions "
             "(1 rank, ZeRO-0, bf16), lr 2e-3, accuracy (%) on the first 200 test questions (chance 25%); every other "
@@ -86,7 +97,9 @@ def main() -> None:
             "`python benchmarks/recipe_report.py`; the runs: benchmarks/recipe/runs-*.sh, transfer*.sh. Dead experts: "
             "experts under 1% of their layer's routed slots, of 480 (120 layers x 4; one expert takes every slot); "
             "steps with a dead expert: of the 150, those in which some expert got under 1% (a step routes ~1,600 "
-            "tokens, so one expert's dip below 1% of a step's slots counts).\n\n"
+            "tokens, so one expert's dip below 1% of a step's slots counts); longest run: the most steps in a row "
+            "one layer had such an expert (the quickstart's collapse alarm goes off at 30; recorded since the runs "
+            "of transfer-4.sh).\n\n"
             + header + "\n" + "\n".join(rows))
     update_results(BENCH_DIR / "RESULTS.md", "recipe", body)
     print(body)
