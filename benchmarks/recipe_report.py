@@ -41,15 +41,19 @@ ARMS = [  # (task, arm, directory of its cells, method)
 ]
 
 
+def cell_file(directory: str, method: str, seed: int, name: str) -> Path:
+    return BENCH_DIR / directory / CELL.format(method=method, seed=seed) / name
+
+
 def cell(directory: str, method: str, seed: int) -> dict | None:
-    path = BENCH_DIR / directory / CELL.format(method=method, seed=seed) / "result.json"
+    path = cell_file(directory, method, seed, "result.json")
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def steps_with_dead(directory: str, method: str, seed: int) -> str:
     """How many logged steps had some expert under 1% of its layer's routed slots in that step, from the cell's
     metrics.jsonl (health every step: the quickstart's config); "-" where the cell kept no metrics."""
-    path = BENCH_DIR / directory / CELL.format(method=method, seed=seed) / "metrics.jsonl"
+    path = cell_file(directory, method, seed, "metrics.jsonl")
     if not path.is_file():
         return "-"
     return str(sum(1 for r in map(json.loads, path.read_text().splitlines()) if r.get("dead_experts")))
@@ -58,7 +62,7 @@ def steps_with_dead(directory: str, method: str, seed: int) -> str:
 def longest_collapsed(directory: str, method: str, seed: int) -> str:
     """The most steps in a row any layer had an expert under 1% (expert_health.json, health every step); "-" where
     the cell's run did not record it."""
-    path = BENCH_DIR / directory / CELL.format(method=method, seed=seed) / "expert_health.json"
+    path = cell_file(directory, method, seed, "expert_health.json")
     layers = json.loads(path.read_text())["layers"] if path.is_file() else []
     return str(max(layer["longest_collapsed_intervals"] for layer in layers)) if layers and \
         "longest_collapsed_intervals" in layers[0] else "-"
@@ -78,11 +82,16 @@ def row(task: str, arm: str, directory: str, method: str) -> str | None:
     base = base_accuracy(task)
     worst = min(accuracy.values())
     gain = "-" if base is None else f"{100 * (worst - base):+.1f}"
-    per_seed = " / ".join(f"{100 * accuracy[s]:.1f}" if s in accuracy else "-" for s in SEEDS)
-    dead = " / ".join(str(done[s]["health"].get("dead_experts", "-")) if s in done else "-" for s in SEEDS)
-    dead_steps = " / ".join(steps_with_dead(directory, method, s) if s in done else "-" for s in SEEDS)
-    longest = " / ".join(longest_collapsed(directory, method, s) if s in done else "-" for s in SEEDS)
-    return (f"| {task} | {arm} | {'-' if base is None else f'{100 * base:.1f}'} | {per_seed} | {100 * worst:.1f} | "
+
+    def per_seed(figure) -> str:
+        """`figure(seed)` for the seeds that ran, "-" for the others, joined as the table's seed columns."""
+        return " / ".join(figure(s) if s in done else "-" for s in SEEDS)
+
+    accuracies = per_seed(lambda s: f"{100 * accuracy[s]:.1f}")
+    dead = per_seed(lambda s: str(done[s]["health"].get("dead_experts", "-")))
+    dead_steps = per_seed(lambda s: steps_with_dead(directory, method, s))
+    longest = per_seed(lambda s: longest_collapsed(directory, method, s))
+    return (f"| {task} | {arm} | {'-' if base is None else f'{100 * base:.1f}'} | {accuracies} | {100 * worst:.1f} | "
             f"{100 * statistics.mean(accuracy.values()):.1f} | {gain} | {dead} | {dead_steps} | {longest} |")
 
 

@@ -6,4 +6,4 @@ while pgrep -f "out-dir benchmarks/recipe/hypernyms-(default|plain)" >/dev/null;
 q() { nice -n 10 python benchmarks/quality.py $(cell_args 2) --methods riemannian+sqrt "$@" $HYP; }
 for seed in 42 1 2; do q --seeds $seed --out-dir $R/hypernyms-e1r8 $E1R8 > outputs/recipe/e1r8-$seed.log 2>&1 & sleep 20; done
 wait
-q --seeds 42 --out-dir $R/hypernyms-e1r32 $E1R8 --moelora.rank=32 --moelora.alpha=64 > outputs/recipe/e1r32-42.log 2>&1
+q --seeds 42 --out-dir $R/hypernyms-e1r32 $E1R32 > outputs/recipe/e1r32-42.log 2>&1

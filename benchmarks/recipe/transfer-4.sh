@@ -4,7 +4,6 @@
 # and 2. Two queues, one thread each on the 2 cores.
 . "$(dirname "$0")/cells.sh"
 while pgrep -f "scripts/quickstart.sh" >/dev/null; do sleep 10; done
-E1R32="$E1R8 --moelora.rank=32 --moelora.alpha=64"
 q() { log=$1; shift; nice -n 10 python benchmarks/quality.py $(cell_args 2) --methods riemannian+sqrt "$@" > "outputs/recipe/$log.log" 2>&1; }
 rm -rf $R/wordnet-e1r8/*/running.pid
 (

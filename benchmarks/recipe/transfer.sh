@@ -3,7 +3,6 @@
 # times it (E=1 r32, alpha 64) and MoE-LoRA without the preconditioner (plain AdamW), 3 seeds, on the hypernym quiz
 # and the definition quiz. Two queues, a core each.
 . "$(dirname "$0")/cells.sh"
-E1R32="$E1R8 --moelora.rank=32 --moelora.alpha=64"
 q() { core=$1; shift; nice -n 10 taskset -c "$core" python benchmarks/quality.py $(cell_args 1) "$@"; }
 (
   q 0 --methods riemannian+sqrt --seeds 42 1 2 --out-dir $R/hypernyms-default $HYP
